@@ -1,0 +1,103 @@
+"""Autoregressive transformers: GPT-2 and Llama baselines built from `A` and `F` sublayers.
+
+Run (the default preset is llama_tiny):
+
+  python train.py --config=configs/transformer.py:preset=llama_tiny --workdir=/tmp/llama_tiny
+
+Arguments after the colon: `preset=NAME`, `runlocal` (shrink to a run of well under a
+minute), `seq_len=N`, `batch_size=N`, `steps=N`. Any field can also be set with
+`--config.model.d_model=256` etc.
+
+Measured on a 2-core x86_64 CPU (no accelerator), byte tokenizer, stdlib corpus:
+  RESULTS_TABLE
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+
+def gpt2_tiny(config):
+  """GPT-2 layout, tiny: learned positions, LayerNorm, GELU, MHA, biases, tied embeddings.
+
+  ~0.8M parameters (0.77M without embeddings) with the byte vocabulary; 2000 steps x 16 x 256
+  = 8.2M tokens.
+  """
+  m = config.model
+  m.pattern = 'AF' * 4
+  m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim = 128, 4, 4, 512
+  m.position, m.norm, m.mlp_activation = 'learned', 'layernorm', 'gelu'
+  m.tie_embeddings, m.use_bias = True, True
+  m.max_len = 1024
+  config.data.seq_len = 256
+  config.train.steps = 2000
+
+
+def gpt2_small(config):
+  """GPT-2 small (124M with its 50257 BPE vocabulary; 85M without embeddings).
+
+  12 layers, d=768, 12 heads, sequence 1024, batch 32: 10k steps = 328M tokens. Meant for
+  an accelerator; on a CPU use `runlocal`.
+  """
+  gpt2_tiny(config)
+  m = config.model
+  m.pattern = 'AF' * 12
+  m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim = 768, 12, 12, 3072
+  config.data.seq_len = 1024
+  config.train.batch_size = 32
+  config.train.steps = 10_000
+  config.optim.lr = 6e-4
+
+
+def llama_tiny(config):
+  """Llama layout, tiny: RoPE, RMSNorm, SwiGLU, GQA (4 heads, 2 kv heads), untied.
+
+  ~0.56M parameters (0.49M without embeddings) with the byte vocabulary; 2000 steps x 16 x
+  256 = 8.2M tokens.
+  """
+  m = config.model
+  m.pattern = 'AF' * 4
+  m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim = 128, 4, 2, 384
+  m.position, m.norm, m.mlp_activation = 'rope', 'rmsnorm', 'swiglu'
+  m.tie_embeddings, m.use_bias = False, False
+  config.data.seq_len = 256
+  config.train.steps = 2000
+
+
+def llama_small(config):
+  """Llama layout, small: d=384, 6 layers, 6 heads, 2 kv heads, SwiGLU 1024, sequence 512.
+
+  ~9.6M parameters (9.4M without embeddings) with the byte vocabulary; 4000 steps x 16 x
+  512 = 33M tokens.
+  """
+  llama_tiny(config)
+  m = config.model
+  m.pattern = 'AF' * 6
+  m.d_model, m.num_heads, m.num_kv_heads, m.mlp_dim = 384, 6, 2, 1024
+  config.data.seq_len = 512
+  config.train.steps = 4000
+  config.optim.lr = 2e-3
+
+
+PRESETS = {f.__name__: f for f in (gpt2_tiny, gpt2_small, llama_tiny, llama_small)}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, preset='llama_tiny', runlocal=False, seq_len=0, batch_size=0,
+                          steps=0)
+  if args.preset not in PRESETS:
+    raise ValueError(f'preset={args.preset!r} is not one of {sorted(PRESETS)} '
+                     f'(configs/transformer.py)')
+  config = common.base_config()
+  PRESETS[args.preset](config)
+  if args.runlocal:
+    common.apply_runlocal(config)
+  if args.seq_len:
+    config.data.seq_len = args.seq_len
+  if args.batch_size:
+    config.train.batch_size = args.batch_size
+  if args.steps:
+    config.train.steps = args.steps
+  return config

@@ -1,0 +1,61 @@
+"""archlab models: Flax linen modules, nothing about devices or files.
+
+Dimension key. Every array name ends with its dimensions and every einsum uses the same
+letters:
+
+  B batch              T query length        S key/value length     D model width
+  N query heads        K kv heads            G query groups per kv  H head dim
+  F MLP hidden         E experts             V vocabulary           C chunk length
+  P state dim          L stacked layers (scan)
+
+A decoder is a pattern string of residual sublayers (DESIGN.md). Each sublayer class
+registers itself under its pattern character with `register_sublayer`; a model family
+registers a builder with `register_model`. `build(config.model)` returns the module.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+SUBLAYERS: dict[str, type] = {}
+MODELS: dict[str, Callable] = {}
+
+
+def register_sublayer(char: str):
+  """Registers a sublayer class under one pattern character; duplicates are refused."""
+  if len(char) != 1:
+    raise ValueError(f'a sublayer registers under one character, got {char!r}')
+
+  def wrap(cls):
+    if char in SUBLAYERS and SUBLAYERS[char] is not cls:
+      raise ValueError(f'pattern character {char!r} is already taken by '
+                       f'{SUBLAYERS[char].__name__}; pick another for {cls.__name__}')
+    SUBLAYERS[char] = cls
+    return cls
+
+  return wrap
+
+
+def register_model(name: str):
+  """Registers a model builder `fn(model_config) -> nn.Module`; duplicates are refused."""
+
+  def wrap(fn):
+    if name in MODELS and MODELS[name] is not fn:
+      raise ValueError(f'model name {name!r} is already registered')
+    MODELS[name] = fn
+    return fn
+
+  return wrap
+
+
+def build(model_config):
+  """Builds the module named by `model_config.name` (after validating the config)."""
+  name = model_config.name
+  if name not in MODELS:
+    raise ValueError(f'model.name={name!r} is not a registered model; '
+                     f'known: {sorted(MODELS)}')
+  return MODELS[name](model_config)
+
+
+# Importing the modules registers them.
+from models import lm  # noqa: E402,F401  pylint: disable=g-import-not-at-top

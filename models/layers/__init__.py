@@ -1,0 +1,1 @@
+"""Building blocks: norms, positions, attention and MLP sublayers."""

@@ -1,0 +1,72 @@
+"""Dense MLP sublayer `F`: gated (SwiGLU, GeGLU) or plain (GELU, ReLU, ReLU^2)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import models
+from models.layers import common
+
+ACTIVATIONS = {
+    'gelu': lambda x: jax.nn.gelu(x, approximate=True),  # GPT-2's tanh approximation
+    'gelu_exact': lambda x: jax.nn.gelu(x, approximate=False),
+    'relu': jax.nn.relu,
+    'relu2': lambda x: jnp.square(jax.nn.relu(x)),
+    'silu': jax.nn.silu,
+}
+GATED = {'swiglu': 'silu', 'geglu': 'gelu'}
+
+
+@models.register_sublayer('F')
+class Mlp(nn.Module):
+  """y = W_out act(W_in x) or, gated, y = W_out (act(W_gate x) * W_up x)."""
+  cfg: object
+
+  @classmethod
+  def validate(cls, cfg):
+    if cfg.mlp_activation not in ACTIVATIONS and cfg.mlp_activation not in GATED:
+      raise ValueError(f'model.mlp_activation={cfg.mlp_activation!r} is not one of '
+                       f'{sorted(ACTIVATIONS) + sorted(GATED)}')
+    if cfg.mlp_dim <= 0:
+      raise ValueError(f'model.mlp_dim={cfg.mlp_dim} must be positive')
+
+  @classmethod
+  def flops_per_token(cls, cfg, seq_len: int) -> float:
+    del seq_len
+    matrices = 3 if cfg.mlp_activation in GATED else 2
+    return float(2 * matrices * cfg.d_model * cfg.mlp_dim)
+
+  @classmethod
+  def init_cache(cls, cfg, batch: int, max_len: int):
+    del cfg, batch, max_len
+    return {}
+
+  @nn.compact
+  def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None, cache=None):
+    del positions_BT, segment_ids_BT
+    cfg = self.cfg
+    d, f = cfg.d_model, cfg.mlp_dim
+    assert x_BTD.shape[-1] == d, f'model.d_model={d} but input width {x_BTD.shape[-1]}'
+    dtype, pdtype = common.dtype_of(cfg.dtype), common.dtype_of(cfg.param_dtype)
+    out_std = cfg.init_std / len(cfg.pattern) ** 0.5
+
+    def dense(name, x, shape, axes, std, spec):
+      w = self.param(name, common.normal_init(std, axes), shape, pdtype).astype(dtype)
+      y = jnp.einsum(spec, x, w)
+      if cfg.use_bias:
+        y += self.param(name + '_bias', common.zeros_init(axes[-1:]), shape[-1:], pdtype).astype(dtype)
+      return y
+
+    gated = cfg.mlp_activation in GATED
+    act = ACTIVATIONS[GATED.get(cfg.mlp_activation, cfg.mlp_activation)]
+    h_BTF = dense('wi', x_BTD, (d, f), ('embed', 'mlp'), cfg.init_std, 'BTD,DF->BTF')
+    if gated:
+      up_BTF = dense('wu', x_BTD, (d, f), ('embed', 'mlp'), cfg.init_std, 'BTD,DF->BTF')
+      h_BTF = act(h_BTF) * up_BTF
+    else:
+      h_BTF = act(h_BTF)
+    h_BTF = common.constrain(h_BTF, ('batch', 'length', 'mlp'))
+    y_BTD = dense('wo', h_BTF, (f, d), ('mlp', 'embed'), out_std, 'BTF,FD->BTD')
+    return y_BTD, ({'cache': {}} if cache is not None else {})

@@ -1,0 +1,1 @@
+"""Device meshes, logical-axis rule presets and multi-host initialisation."""

@@ -1,0 +1,61 @@
+"""Mesh construction from `config.mesh` and multi-host initialisation."""
+
+from __future__ import annotations
+
+import os
+
+from absl import logging
+import jax
+from jax.experimental import mesh_utils
+import numpy as np
+
+from sharding import rules
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
+  """Axis sizes in `rules.MESH_AXES` order; one size may be -1 to absorb the rest."""
+  sizes = [int(mesh_config[a]) for a in rules.MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f'config.mesh: at most one axis may be -1, got {dict(zip(rules.MESH_AXES, sizes))}')
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f'config.mesh sizes must be positive or -1, got {dict(zip(rules.MESH_AXES, sizes))}')
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f'config.mesh: {num_devices} devices do not divide by the fixed axes ({known})')
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
+    raise ValueError(f'config.mesh {dict(zip(rules.MESH_AXES, sizes))} needs {int(np.prod(sizes))} '
+                     f'devices, but {num_devices} are present')
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config, devices=None) -> jax.sharding.Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_config, len(devices))
+  grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+  return jax.sharding.Mesh(grid, rules.MESH_AXES)
+
+
+def maybe_initialize_distributed() -> None:
+  """Starts JAX's multi-controller runtime when the environment describes several processes.
+
+  Covers an explicit coordinator (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+  JAX_PROCESS_ID), SLURM (jax detects it) and TPU pods (jax detects the metadata). A single
+  process with none of these runs without it.
+  """
+  if jax.distributed.is_initialized():
+    return
+  env = os.environ
+  if 'JAX_COORDINATOR_ADDRESS' in env:
+    jax.distributed.initialize(
+        coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
+        num_processes=int(env['JAX_NUM_PROCESSES']),
+        process_id=int(env['JAX_PROCESS_ID']))
+  elif int(env.get('SLURM_NTASKS', '1')) > 1 or 'TPU_WORKER_HOSTNAMES' in env or 'MEGASCALE_COORDINATOR_ADDRESS' in env:
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info('distributed: process %d of %d, %d local / %d global devices',
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())

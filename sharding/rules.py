@@ -1,0 +1,37 @@
+"""Logical axis rules: presets mapping the models' logical axis names onto mesh axes.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with sharded parameters and
+optimizer state), `tensor` (Megatron-style within a layer), `expert` (experts; data
+parallel outside the MoE layers). Rules are tried in order; flax skips a mesh axis already
+used by another dimension of the same array, so `embed -> fsdp` shards parameters but not
+activations whose batch dimension already took `fsdp`.
+"""
+
+from __future__ import annotations
+
+MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
+BATCH = ('data', 'fsdp', 'expert')
+
+_REPLICATED = (('length', None), ('head_dim', None), ('norm', None), ('layers', None),
+               ('position', None), ('state', None))
+
+PRESETS = {
+    'dp': (('batch', BATCH),) + _REPLICATED + (
+        ('embed', None), ('heads', None), ('kv_heads', None), ('mlp', None), ('vocab', None),
+        ('experts', None)),
+    'fsdp': (('batch', BATCH),) + _REPLICATED + (
+        ('embed', 'fsdp'), ('heads', None), ('kv_heads', None), ('mlp', None), ('vocab', None),
+        ('experts', None)),
+    'fsdp_tp': (('batch', BATCH),) + _REPLICATED + (
+        ('embed', 'fsdp'), ('heads', 'tensor'), ('kv_heads', 'tensor'), ('mlp', 'tensor'),
+        ('vocab', 'tensor'), ('experts', None)),
+    'fsdp_ep': (('batch', BATCH),) + _REPLICATED + (
+        ('experts', 'expert'), ('embed', 'fsdp'), ('heads', None), ('kv_heads', None),
+        ('mlp', None), ('vocab', None)),
+}
+
+
+def get_rules(name: str):
+  if name not in PRESETS:
+    raise ValueError(f'sharding_rules={name!r} is not one of {sorted(PRESETS)}')
+  return PRESETS[name]

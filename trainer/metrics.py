@@ -1,0 +1,67 @@
+"""Metric outputs: `metrics.jsonl`, TensorBoard event files and a progress bar (process 0)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import tensorboardX
+import tqdm
+
+
+class MetricWriter:
+  """Writes one JSON line and TensorBoard scalars per logged step; drives a progress bar."""
+
+  def __init__(self, workdir: str, *, total_steps: int, start_step: int, enabled: bool,
+               progress_bar: bool):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.tb = None
+    self.bar = None
+    if not enabled:
+      return
+    _truncate_after(self.path, start_step)
+    self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    if progress_bar:
+      self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True)
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self.enabled:
+      return
+    record = {'step': int(step), **{k: _plain(v) for k, v in scalars.items()}}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    for key, value in record.items():
+      if key != 'step' and isinstance(value, (int, float)):
+        self.tb.add_scalar(key, value, step)
+
+  def progress(self, step: int, loss: float, tokens_per_sec: float) -> None:
+    if self.bar is not None:
+      self.bar.n = step
+      self.bar.set_postfix(loss=f'{loss:.4f}', tok_s=f'{tokens_per_sec:,.0f}', refresh=False)
+      self.bar.refresh()
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+    if self.tb is not None:
+      self.tb.close()
+
+
+def _plain(value):
+  try:
+    return float(value) if not isinstance(value, (int, str)) else value
+  except (TypeError, ValueError):
+    return str(value)
+
+
+def _truncate_after(path: str, step: int) -> None:
+  """On resume, drops lines logged after the checkpoint being resumed (they are re-done)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
