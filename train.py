@@ -1,10 +1,17 @@
 """Trains a model: `python train.py --config=configs/transformer.py:preset=llama_tiny --workdir=DIR`.
 
-Running the same command again resumes from the latest checkpoint in DIR.
+Running the same command again resumes from the latest checkpoint in DIR. Bad input (a
+config field, a data path, a workdir holding another model, a loss that turns NaN) ends the
+run with one line naming what is wrong; set ARCHLAB_DEBUG=1 to see the traceback too.
 """
+
+import logging as py_logging
+import os
+import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 import trainer
@@ -16,10 +23,23 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metr
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _QuietLibraries(py_logging.Filter):
+  """Keeps orbax's per-save INFO chatter out of the log; its warnings still show."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or 'orbax' not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  try:
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FloatingPointError) as e:
+    if os.environ.get('ARCHLAB_DEBUG'):
+      raise
+    sys.exit(f'train.py: error: {e}')
 
 
 if __name__ == '__main__':

@@ -1,0 +1,142 @@
+"""End-to-end runs of train.py: outputs, resume after SIGKILL, refusals that lose nothing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_cmd(workdir, *flags, preset='llama_tiny'):
+  return [sys.executable, os.path.join(ROOT, 'train.py'),
+          f'--config={ROOT}/configs/transformer.py:preset={preset},runlocal',
+          f'--workdir={workdir}', '--config.peak_flops=1e11', *flags]
+
+
+def run_train(workdir, *flags, preset='llama_tiny', check=True):
+  proc = subprocess.run(train_cmd(workdir, *flags, preset=preset), capture_output=True,
+                        text=True, cwd=ROOT, timeout=300)
+  if check and proc.returncode:
+    raise AssertionError(f'train.py failed:\n{proc.stderr[-3000:]}')
+  return proc
+
+
+def final_params(workdir):
+  mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), item_names=('state',))
+  step = mngr.latest_step()
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  return step, state['params']
+
+
+def flat(tree, prefix=''):
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(flat(v, f'{prefix}/{k}'))
+    return out
+  return {prefix: np.asarray(tree)}
+
+
+def test_end_to_end_outputs(tmp_path):
+  workdir = str(tmp_path / 'run')
+  run_train(workdir, preset='gpt2_tiny')
+  lines = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert [l['step'] for l in lines if 'loss' in l] == [10, 20, 30, 40]
+  for key in ('step', 'tokens', 'flops', 'loss', 'lr', 'grad_norm', 'tokens_per_sec', 'mfu',
+              'bits_per_byte'):
+    assert key in lines[0], key
+  assert lines[-1]['tokens'] == 40 * 8 * 64
+  assert lines[-1]['loss'] < lines[0]['loss']
+  summary = json.load(open(os.path.join(workdir, 'summary.json')))
+  for key in ('params', 'params_non_embedding', 'flops', 'tokens', 'final_eval_bits_per_byte',
+              'wall_time_sec', 'config', 'xla_flops_per_step', 'analytic_flops_per_step'):
+    assert key in summary, key
+  assert summary['params'] > summary['params_non_embedding'] > 0
+  assert summary['config']['model']['position'] == 'learned'
+  assert 0 < summary['final_eval_bits_per_byte'] < 8
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(os.path.join(workdir, 'tensorboard')))
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['20', '40']
+
+
+def test_sigkill_then_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
+  flags = ['--config.train.steps=120', '--config.train.checkpoint_every=10',
+           '--config.train.eval_every=1000', '--config.model.d_model=32']
+  straight = str(tmp_path / 'straight')
+  run_train(straight, *flags)
+
+  killed = str(tmp_path / 'killed')
+  proc = subprocess.Popen(train_cmd(killed, *flags), cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ckpt_dir = os.path.join(killed, 'checkpoints')
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
+  assert not os.path.exists(os.path.join(killed, 'summary.json'))
+  resumed_from = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  assert resumed_from < 120
+
+  run_train(killed, *flags)
+  step_a, params_a = final_params(straight)
+  step_b, params_b = final_params(killed)
+  assert step_a == step_b == 120
+  a, b = flat(params_a), flat(params_b)
+  assert a.keys() == b.keys()
+  for key in a:
+    assert a[key].tobytes() == b[key].tobytes(), key
+
+
+def test_workdir_with_another_model_is_refused_untouched(tmp_path):
+  workdir = str(tmp_path / 'run')
+  run_train(workdir, '--config.train.steps=4', '--config.train.checkpoint_every=2')
+  before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir) for p in fs}
+  proc = run_train(workdir, '--config.train.steps=4', '--config.model.d_model=32', check=False)
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert 'holds a checkpoint (step 4) of a different model config' in last
+  assert 'model.d_model: 64 in the checkpoint, 32 now' in last and 'to start fresh' in last
+  after = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir) for p in fs}
+  assert before == after
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+  workdir = str(tmp_path / 'run')
+  proc = run_train(workdir, '--config.optim.lr=1e30', '--config.optim.warmup_steps=0',
+                   '--config.optim.grad_clip=0', '--config.train.checkpoint_every=1',
+                   check=False)
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('train.py: error: loss became') and 'at step' in last, last
+  failed_step = int(last.split('at step ')[1].split(';')[0])
+  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+  assert saved and saved[-1] == failed_step - 1
+  assert f'the checkpoint at step {failed_step - 1} is kept' in last
+  assert not os.path.exists(os.path.join(workdir, 'summary.json'))
+
+
+@pytest.mark.parametrize('flag,message', [
+    ('--config.data.paths=/nonexistent/*.txt', 'data.paths'),
+    ('--config.model.num_kv_heads=3', 'model.num_kv_heads=3'),
+])
+def test_bad_input_is_one_line(tmp_path, flag, message):
+  extra = ['--config.data.corpus=text'] if 'paths' in flag else []
+  proc = run_train(str(tmp_path / 'run'), flag, *extra, check=False)
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('train.py: error:') and message in last, proc.stderr[-2000:]
+
+
+def test_unknown_config_field_is_refused(tmp_path):
+  proc = run_train(str(tmp_path / 'run'), '--config.model.not_a_field=1', check=False)
+  assert proc.returncode != 0 and 'not_a_field' in proc.stderr
