@@ -5,6 +5,7 @@ import os
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # noqa: E402
+jax.config.update("jax_disable_most_optimizations", True)
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 

@@ -224,13 +224,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     else:
       state = run.init_state(jax.random.key(t.seed))
     start_step = int(state['step'])
-    local_rows = t.batch_size // jax.process_count()
     abstract_batch = {
         k: jax.ShapeDtypeStruct((t.batch_size, config.data.seq_len), dt, sharding=run.batch_sharding)
         for k, dt in (('inputs', jnp.int32), ('targets', jnp.int32), ('positions', jnp.int32),
                       ('segment_ids', jnp.int32), ('weights', jnp.float32))}
     compiled = run.train_step.lower(abstract, abstract_batch).compile()
-  del local_rows
   xla_step_flops = flops_lib.xla_flops(compiled)
   peak = (config.peak_flops * jax.device_count() if config.peak_flops
           else flops_lib.measure_matmul_peak())
@@ -243,17 +241,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                     enabled=is_main, progress_bar=t.progress_bar)
   eval_metrics, train_time, interval_time, interval_steps = {}, 0.0, 0.0, 0
   last_saved = latest
+  def next_batch():
+    batch = to_global(run, next(run.data.train_iter))
+    return batch, run.data.train_iter.get_state()
+
   try:
+    if start_step < run.total_steps:
+      batch, data_state = next_batch()
     for step in range(start_step, run.total_steps):
       tick = time.perf_counter()
-      batch = to_global(run, next(run.data.train_iter))
-      state, metrics = compiled(state, batch)
+      state, metrics = compiled(state, batch)  # dispatched asynchronously
+      done = step + 1
+      step_data_state = data_state
+      if done < run.total_steps:  # the next batch is read while this step computes
+        batch, data_state = next_batch()
       metrics = jax.device_get(metrics)
       elapsed = time.perf_counter() - tick
       train_time += elapsed
       interval_time += elapsed
       interval_steps += 1
-      done = step + 1
       if not metrics['ok']:
         kept = f'the checkpoint at step {last_saved} is kept' if last_saved else 'no checkpoint was written'
         raise FloatingPointError(f'loss became {float(metrics["loss"])} (grad norm '
@@ -284,7 +290,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         eval_metrics = evaluate(run, state['params'])
         writer.write(done, eval_metrics)
       if done % t.checkpoint_every == 0 or last:
-        checkpoint.save(mngr, done, state, run.data.train_iter.get_state(), saved_model_config)
+        checkpoint.save(mngr, done, state, step_data_state, saved_model_config)
         last_saved = done
   finally:
     mngr.wait_until_finished()
