@@ -65,6 +65,7 @@ def model_defaults() -> ml_collections.ConfigDict:
       attention=dict(
           impl='xla',            # xla | dot_product | auto
           softmax_scale=0.0,     # 0: 1/sqrt(head_dim)
+          causal_block=128,      # query block rows; skips fully masked key blocks (0: off)
       ),
   ))
 

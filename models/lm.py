@@ -153,11 +153,9 @@ class Decoder(nn.Module):
       new_cache = {'blocks': block_cache}
     x_BTD = self.final_norm(x_BTD)
     if cfg.tie_embeddings:
-      logits_BTV = jnp.einsum('BTD,VD->BTV', x_BTD, self.embed_VD.astype(dtype),
-                              preferred_element_type=jnp.float32)
+      logits_BTV = common.project(x_BTD, self.embed_VD.T.astype(dtype), out_dtype=jnp.float32)
     else:
-      logits_BTV = jnp.einsum('BTD,DV->BTV', x_BTD, self.head_DV.astype(dtype),
-                              preferred_element_type=jnp.float32)
+      logits_BTV = common.project(x_BTD, self.head_DV.astype(dtype), out_dtype=jnp.float32)
     logits_BTV = common.constrain(logits_BTV.astype(jnp.float32), ('batch', 'length', 'vocab'))
     if cache is not None:
       aux['cache'] = new_cache

@@ -81,6 +81,20 @@ def test_attention_matches_naive_reference(impl, num_heads, num_kv_heads):
   np.testing.assert_allclose(got, naive_attention(q, k, v, mask, 8 ** -0.5), atol=1e-5)
 
 
+@pytest.mark.parametrize('impl', ['xla', 'dot_product'])
+@pytest.mark.parametrize('length,block', [(16, 4), (16, 8), (12, 5)])
+def test_causal_blocks_equal_dense_attention(impl, length, block):
+  keys = jax.random.split(jax.random.key(1), 3)
+  q = jax.random.normal(keys[0], (2, length, 4, 8))
+  k = jax.random.normal(keys[1], (2, length, 2, 8))
+  v = jax.random.normal(keys[2], (2, length, 2, 8))
+  _, pos_BT, seg_BT = packed_batch(keys[0], 2, length, 10, num_segments=3)
+  mask = attention.attention_mask(pos_BT, seg_BT, pos_BT, seg_BT, causal=True)
+  fn = attention.dot_attention if impl == 'xla' else attention.library_attention
+  got = attention.causal_blocks(fn, q, k, v, mask, 0.3, block)
+  np.testing.assert_allclose(got, naive_attention(q, k, v, mask, 0.3), atol=1e-5)
+
+
 def test_rope_dot_products_depend_only_on_relative_position():
   keys = jax.random.split(jax.random.key(0), 2)
   q = jax.random.normal(keys[0], (1, 1, 1, 16))
@@ -116,9 +130,9 @@ def test_prefill_plus_decode_equals_full_forward(preset, scan):
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full_BTV, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('preset', ['gpt2_tiny', 'llama_tiny'])
-def test_packed_documents_do_not_see_each_other(preset):
-  config = tiny_model_config(preset)
+@pytest.mark.parametrize('preset,causal_block', [('gpt2_tiny', 0), ('llama_tiny', 4)])
+def test_packed_documents_do_not_see_each_other(preset, causal_block):
+  config = tiny_model_config(preset, **{'attention.causal_block': causal_block})
   tokens_BT, pos_BT, seg_BT = packed_batch(jax.random.key(5), 1, 16, 260, num_segments=2)
   model, params, packed_BTV, _ = init_and_apply(config, tokens_BT, pos_BT, seg_BT)
   for seg in (1, 2):

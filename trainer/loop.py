@@ -31,7 +31,7 @@ from trainer import optim
 
 # Model fields that change how a step computes, not what the parameters are: a checkpoint
 # written with other values of these can be resumed.
-RUNTIME_MODEL_FIELDS = ('remat', 'dtype', 'attention.impl')
+RUNTIME_MODEL_FIELDS = ('remat', 'dtype', 'attention.impl', 'attention.causal_block')
 
 
 def total_steps_for(train_config, tokens_per_step: int, train_flops_per_token: float) -> int:

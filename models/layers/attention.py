@@ -27,18 +27,25 @@ def attention_mask(q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, *, causal: bool):
 
 
 def dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float):
-  """Reference attention in einsums: GQA by grouping query heads per kv head."""
+  """Reference attention: GQA by grouping the query heads of each kv head.
+
+  The products run as batched matmuls over (batch, kv head) with one free dimension each
+  side ((group x query) rows against keys): XLA:CPU runs those about 1.5x faster than the
+  equivalent einsum with two free dimensions, backward included.
+  """
   b, t, n, h = q_BTNH.shape
-  k = k_BSKH.shape[2]
-  q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
-  logits_BKGTS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH,
-                            preferred_element_type=jnp.float32) * scale
+  s, k = k_BSKH.shape[1], k_BSKH.shape[2]
+  g = n // k
+  q_BKRH = q_BTNH.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
+  logits_BKRS = jnp.matmul(q_BKRH, k_BSKH.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32)
+  logits_BKGTS = logits_BKRS.reshape(b, k, g, t, s) * scale
   logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, -1e30)
-  probs_BKGTS = jax.nn.softmax(logits_BKGTS.astype(jnp.float32), axis=-1)
+  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
   # A query row with no visible key (padding) gets zeros, not a uniform average.
   probs_BKGTS = jnp.where(mask_BTS[:, None, None], probs_BKGTS, 0.0)
-  out_BTKGH = jnp.einsum('BKGTS,BSKH->BTKGH', probs_BKGTS.astype(v_BSKH.dtype), v_BSKH)
-  return out_BTKGH.reshape(b, t, n, h)
+  out_BKRH = jnp.matmul(probs_BKGTS.reshape(b, k, g * t, s).astype(v_BSKH.dtype),
+                        v_BSKH.transpose(0, 2, 1, 3))
+  return out_BKRH.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def library_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float):
@@ -47,6 +54,24 @@ def library_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float):
                                           scale=scale)
   any_T = jnp.any(mask_BTS, axis=-1)[..., None, None]
   return jnp.where(any_T, out_BTNH, 0.0).astype(q_BTNH.dtype)
+
+
+def causal_blocks(attend, q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float, block: int):
+  """`attend` over query blocks of `block` rows, each against the keys up to its last row.
+
+  Skips the key blocks a causal mask hides entirely (about half the work at long rows). It
+  relies on what packed training rows guarantee: keys are the queries' own row and a key
+  after a query's index is never visible to it (positions increase within each segment).
+  """
+  t = q_BTNH.shape[1]
+  if not block or t <= block or t % block or k_BSKH.shape[1] != t:
+    return attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale)
+  outs = []
+  for start in range(0, t, block):
+    end = start + block
+    outs.append(attend(q_BTNH[:, start:end], k_BSKH[:, :end], v_BSKH[:, :end],
+                       mask_BTS[:, start:end, :end], scale))
+  return jnp.concatenate(outs, axis=1)
 
 
 @models.register_sublayer('A')
@@ -62,6 +87,8 @@ class Attention(nn.Module):
                        f'model.num_kv_heads={k}')
     if cfg.attention.impl not in IMPLS:
       raise ValueError(f'model.attention.impl={cfg.attention.impl!r} is not one of {IMPLS}')
+    if cfg.attention.causal_block < 0:
+      raise ValueError(f'model.attention.causal_block={cfg.attention.causal_block} must be >= 0')
     if cfg.position == 'rope' and head_dim(cfg) % 2:
       raise ValueError(f'RoPE needs an even head dim, model.head_dim={head_dim(cfg)}')
 
@@ -69,8 +96,9 @@ class Attention(nn.Module):
   def flops_per_token(cls, cfg, seq_len: int) -> float:
     """Forward FLOPs per token: projections + QK^T and PV over the full row.
 
-    No causal halving: the dense kernels here compute the masked half too, so this is
-    the count the hardware executes (halve the 4*T*N*H term for 'useful' FLOPs).
+    No causal halving, as in PaLM's MFU: the full T x T scores. `attention.causal_block`
+    skips key blocks that the causal mask hides, so the hardware executes less than this
+    at long rows; halve the 4*T*N*H term for the 'useful' count.
     """
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
     projections = 2 * d * h * (2 * n + 2 * k)
@@ -104,9 +132,9 @@ class Attention(nn.Module):
     def bias(name, shape, axes):
       return self.param(name, common.zeros_init(axes), shape, pdtype).astype(dtype)
 
-    q_BTNH = jnp.einsum('BTD,DNH->BTNH', x_BTD, proj('q', (d, n, h), ('embed', 'heads', 'head_dim'), std))
-    k_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, proj('k', (d, k, h), ('embed', 'kv_heads', 'head_dim'), std))
-    v_BTKH = jnp.einsum('BTD,DKH->BTKH', x_BTD, proj('v', (d, k, h), ('embed', 'kv_heads', 'head_dim'), std))
+    q_BTNH = common.project(x_BTD, proj('q', (d, n, h), ('embed', 'heads', 'head_dim'), std))
+    k_BTKH = common.project(x_BTD, proj('k', (d, k, h), ('embed', 'kv_heads', 'head_dim'), std))
+    v_BTKH = common.project(x_BTD, proj('v', (d, k, h), ('embed', 'kv_heads', 'head_dim'), std))
     if cfg.use_bias:
       q_BTNH += bias('q_bias', (n, h), ('heads', 'head_dim'))
       k_BTKH += bias('k_bias', (k, h), ('kv_heads', 'head_dim'))
@@ -137,9 +165,13 @@ class Attention(nn.Module):
     if impl == 'auto':
       impl = 'dot_product'
     attend = dot_attention if impl == 'xla' else library_attention
-    out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale)
+    if cache is None and not cfg.bidirectional:
+      out_BTNH = causal_blocks(attend, q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale,
+                               cfg.attention.causal_block)
+    else:
+      out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale)
     out_BTNH = common.constrain(out_BTNH, ('batch', 'length', 'heads', 'head_dim'))
-    y_BTD = jnp.einsum('BTNH,NHD->BTD', out_BTNH, proj('o', (n, h, d), ('heads', 'head_dim', 'embed'), out_std))
+    y_BTD = common.project(out_BTNH, proj('o', (n, h, d), ('heads', 'head_dim', 'embed'), out_std), 2)
     if cfg.use_bias:
       y_BTD += bias('o_bias', (d,), ('embed',))
     return y_BTD, aux

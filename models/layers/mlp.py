@@ -52,21 +52,21 @@ class Mlp(nn.Module):
     dtype, pdtype = common.dtype_of(cfg.dtype), common.dtype_of(cfg.param_dtype)
     out_std = cfg.init_std / len(cfg.pattern) ** 0.5
 
-    def dense(name, x, shape, axes, std, spec):
+    def dense(name, x, shape, axes, std):
       w = self.param(name, common.normal_init(std, axes), shape, pdtype).astype(dtype)
-      y = jnp.einsum(spec, x, w)
+      y = common.project(x, w)
       if cfg.use_bias:
         y += self.param(name + '_bias', common.zeros_init(axes[-1:]), shape[-1:], pdtype).astype(dtype)
       return y
 
     gated = cfg.mlp_activation in GATED
     act = ACTIVATIONS[GATED.get(cfg.mlp_activation, cfg.mlp_activation)]
-    h_BTF = dense('wi', x_BTD, (d, f), ('embed', 'mlp'), cfg.init_std, 'BTD,DF->BTF')
+    h_BTF = dense('wi', x_BTD, (d, f), ('embed', 'mlp'), cfg.init_std)
     if gated:
-      up_BTF = dense('wu', x_BTD, (d, f), ('embed', 'mlp'), cfg.init_std, 'BTD,DF->BTF')
+      up_BTF = dense('wu', x_BTD, (d, f), ('embed', 'mlp'), cfg.init_std)
       h_BTF = act(h_BTF) * up_BTF
     else:
       h_BTF = act(h_BTF)
     h_BTF = common.constrain(h_BTF, ('batch', 'length', 'mlp'))
-    y_BTD = dense('wo', h_BTF, (f, d), ('mlp', 'embed'), out_std, 'BTF,FD->BTD')
+    y_BTD = dense('wo', h_BTF, (f, d), ('mlp', 'embed'), out_std)
     return y_BTD, ({'cache': {}} if cache is not None else {})
