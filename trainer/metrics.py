@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 
+from absl import logging
 import tensorboardX
 import tqdm
+
+_LOGGED = ('loss', 'eval_loss', 'eval_bits_per_byte', 'grad_norm', 'tokens_per_sec', 'mfu')
 
 
 class MetricWriter:
@@ -23,7 +26,9 @@ class MetricWriter:
     _truncate_after(self.path, start_step)
     self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
     if progress_bar:
-      self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True)
+      # disable=None: no bar when stderr is not a terminal (logs, CI, sweeps).
+      self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True,
+                           mininterval=0.5, disable=None)
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:
@@ -34,12 +39,14 @@ class MetricWriter:
     for key, value in record.items():
       if key != 'step' and isinstance(value, (int, float)):
         self.tb.add_scalar(key, value, step)
+    if self.bar is None or self.bar.disable:  # no bar to watch: one log line per record
+      logging.info('step %d: %s', step, ', '.join(
+          f'{k}={v:.4g}' for k, v in record.items() if k in _LOGGED and isinstance(v, float)))
 
   def progress(self, step: int, loss: float, tokens_per_sec: float) -> None:
     if self.bar is not None:
-      self.bar.n = step
       self.bar.set_postfix(loss=f'{loss:.4f}', tok_s=f'{tokens_per_sec:,.0f}', refresh=False)
-      self.bar.refresh()
+      self.bar.update(step - self.bar.n)
 
   def close(self) -> None:
     if self.bar is not None:
