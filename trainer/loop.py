@@ -305,6 +305,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       'flops': run.total_steps * run.train_flops_per_step,
       'flops_per_token': run.train_flops_per_step / run.tokens_per_step,
       'xla_flops_per_step': xla_step_flops * jax.device_count() if xla_step_flops else None,
+      # XLA's cost analysis counts a while loop's body once: with scanned layers its count
+      # covers one repeat of the pattern, not all of them.
+      'xla_flops_scan_body_counted_once': bool(config.model.scan_layers),
       'analytic_flops_per_step': run.train_flops_per_step,
       'final_eval_loss': eval_metrics['eval_loss'],
       'final_eval_bits_per_byte': eval_metrics['eval_bits_per_byte'],
