@@ -155,7 +155,7 @@ def test_scan_and_unrolled_layers_compute_the_same_function():
 
 
 def test_parameters_carry_logical_axis_names():
-  config = tiny_model_config('llama_tiny')
+  config = tiny_model_config('llama_tiny', scan_layers=True)
   model = models.build(config)
   dummy = jnp.zeros((1, 8), jnp.int32)
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, positions_BT=dummy,
