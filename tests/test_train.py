@@ -137,6 +137,28 @@ def test_bad_input_is_one_line(tmp_path, flag, message):
   assert last.startswith('train.py: error:') and message in last, proc.stderr[-2000:]
 
 
-def test_unknown_config_field_is_refused(tmp_path):
-  proc = run_train(str(tmp_path / 'run'), '--config.model.not_a_field=1', check=False)
-  assert proc.returncode != 0 and 'not_a_field' in proc.stderr
+@pytest.mark.parametrize('config_arg,flag,message', [
+    ('preset=nope,runlocal', None, "preset='nope' is not one of"),
+    ('preset=llama_tiny,bogus=1', None, "config argument 'bogus' is not one of"),
+    ('preset=llama_tiny,runlocal', '--config.model.not_a_field=1',
+     "--config.model.not_a_field: the config has no field 'not_a_field'"),
+    ('preset=llama_tiny,runlocal', '--config.model.d_model=abc', '--config.model.d_model=abc'),
+])
+def test_bad_command_line_is_one_line(tmp_path, config_arg, flag, message):
+  cmd = [sys.executable, os.path.join(ROOT, 'train.py'),
+         f'--config={ROOT}/configs/transformer.py:{config_arg}', f'--workdir={tmp_path / "run"}']
+  proc = subprocess.run(cmd + ([flag] if flag else []), capture_output=True, text=True, cwd=ROOT,
+                        timeout=120)
+  assert proc.returncode != 0
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('train.py: error:') and message in lines[0], proc.stderr
+  assert not (tmp_path / 'run').exists()
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--config=configs/nope.py',
+                         f'--workdir={tmp_path / "run"}'], capture_output=True, text=True,
+                        cwd=ROOT, timeout=120)
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "train.py: error: --config: [Errno 2] No such file or directory: 'configs/nope.py'")
