@@ -1,0 +1,77 @@
+"""IsoFLOP sweeps comparing architectures: `python -m experiments.sweep --sweep=THIS_FILE:PRESET`.
+
+Presets:
+  quick      CI smoke test: llama and gpt2, budgets 3e10 and 1e11 FLOPs, 3 sizes each.
+  cpu_small  every architecture that exists, budgets 1e12, 3e12 and 1e13 FLOPs, 5 sizes each
+             (the report in experiments/results/ comes from this preset).
+  pod        a pod-scale plan (budgets 1e18 to 1e20, widths to 2048): meant for
+             `--print_commands` and a cluster scheduler, not for this machine.
+
+The ladder (one rule for every architecture): width d from WIDTHS, head dim 16 below d=256
+and 64 from there (d/16 or d/64 heads; half as many kv heads where the family uses GQA),
+depth round(d / 24) clipped to [2, 12] (48 beyond d=1024 in the pod preset), MLP 4d (GELU)
+or 8d/3 rounded to 16 (gated). For each budget C the sizes are the `sizes` widths centred on
+the one whose parameter count is closest to sqrt(C / 120) (Chinchilla's 20 tokens per
+parameter, C = 6 N D); each run trains on C / (training FLOPs per token) tokens (the trainer's
+`train.flops` budget). Learning rate: 3e-3 * sqrt(128 / d), warmup 5% of the steps, cosine
+to 10%.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+WIDTHS = (32, 48, 64, 80, 96, 128, 160, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+
+# Architectures join as they land: the config file and argument they start from, the
+# pattern's repeating unit (repeated `depth` times), whether the MLP is gated and whether
+# attention uses GQA (half the heads as kv heads), and any other fixed overrides.
+ARCHITECTURES = {
+    'llama': dict(config='configs/transformer.py', arg='preset=llama_tiny', unit='AF',
+                  gated=True, gqa=True, overrides={}),
+    'gpt2': dict(config='configs/transformer.py', arg='preset=gpt2_tiny', unit='AF',
+                 gated=False, gqa=False, overrides={}),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, preset='quick')
+  presets = {
+      'quick': dict(architectures=['llama', 'gpt2'], budgets=[3e10, 1e11], sizes=3, seq_len=64,
+                    batch_size=8, seeds=[0], eval_batches=4),
+      'cpu_small': dict(architectures=list(ARCHITECTURES), budgets=[1e12, 3e12, 1e13], sizes=5,
+                        seq_len=128, batch_size=16, seeds=[0], eval_batches=16),
+      'pod': dict(architectures=list(ARCHITECTURES), budgets=[1e18, 1e19, 1e20], sizes=7,
+                  seq_len=2048, batch_size=256, seeds=[0], eval_batches=64),
+  }
+  if args.preset not in presets:
+    raise ValueError(f'preset={args.preset!r} is not one of {sorted(presets)} '
+                     f'(configs/sweeps/arch_compare.py)')
+  sweep = ml_collections.ConfigDict(presets[args.preset])
+  sweep.name = f'arch_compare_{args.preset}'
+  sweep.baseline = 'llama'
+  sweep.max_layers = 48 if args.preset == 'pod' else 12
+  sweep.widths = list(WIDTHS if args.preset == 'pod' else WIDTHS[:9])
+  sweep.tokens_per_param = 20.0
+  sweep.lr_rule = '3e-3 * sqrt(128 / d)'
+  return sweep
+
+
+def size_overrides(architecture: str, d: int, max_layers: int) -> dict[str, object]:
+  """The config fields of width `d` under the ladder rule, for `architecture`."""
+  arch = ARCHITECTURES[architecture]
+  heads = max(1, d // (16 if d < 256 else 64))
+  kv_heads = heads // 2 if arch['gqa'] and heads % 2 == 0 else heads
+  depth = min(max_layers, max(2, round(d / 24)))
+  return {
+      'model.d_model': d,
+      'model.num_heads': heads,
+      'model.num_kv_heads': kv_heads,
+      'model.head_dim': 0,
+      'model.mlp_dim': 16 * round(8 * d / 3 / 16) if arch['gated'] else 4 * d,
+      'model.pattern': arch['unit'] * depth,
+      'optim.lr': round(3e-3 * (128 / d) ** 0.5, 6),
+      **arch['overrides'],
+  }
