@@ -3,6 +3,9 @@
 import os
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# scipy >= 1.15's L-BFGS-B makes many tiny OpenBLAS calls that OpenBLAS's threads slow ~10x on
+# a busy 2-core machine (scipy issue 22438); read when scipy loads OpenBLAS, so set it first.
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
 import jax  # noqa: E402
 jax.config.update("jax_disable_most_optimizations", True)
