@@ -110,13 +110,16 @@ def plan(sweep, sweep_dir: str) -> list[Run]:
 
 def command(sweep, architecture: str, overrides: dict, budget: float, train_flops_per_token: float,
             seed: int, workdir: str) -> list[str]:
-  """The train.py command of one run: the budget in FLOPs, warmup 5% of its steps."""
+  """The train.py command of one run: the budget in FLOPs, warmup 5% of its steps, four
+  evaluations and checkpoints along the way."""
   arch = arch_compare.ARCHITECTURES[architecture]
   steps = math.ceil(budget / (train_flops_per_token * sweep.batch_size * sweep.seq_len))
   fields = {
       **overrides,
       'model.max_len': sweep.seq_len,
       'optim.warmup_steps': max(1, round(0.05 * steps)),
+      'train.eval_every': max(1, steps // 4),
+      'train.checkpoint_every': max(1, steps // 4),
       'data.seq_len': sweep.seq_len,
       'data.eval_batches': sweep.eval_batches,
       'train.batch_size': sweep.batch_size,

@@ -2,7 +2,7 @@
 
 Presets:
   quick      CI smoke test: llama and gpt2, budgets 3e10 and 1e11 FLOPs, 3 sizes each.
-  cpu_small  every architecture that exists, budgets 1e12, 3e12 and 1e13 FLOPs, 5 sizes each
+  cpu_small  every architecture that exists, budgets 1e12, 2.5e12 and 6e12 FLOPs, 5 sizes each
              (the report in experiments/results/ comes from this preset).
   pod        a pod-scale plan (budgets 1e18 to 1e20, widths to 2048): meant for
              `--print_commands` and a cluster scheduler, not for this machine.
@@ -41,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   presets = {
       'quick': dict(architectures=['llama', 'gpt2'], budgets=[3e10, 1e11], sizes=3, seq_len=64,
                     batch_size=8, seeds=[0], eval_batches=4),
-      'cpu_small': dict(architectures=list(ARCHITECTURES), budgets=[1e12, 3e12, 1e13], sizes=5,
+      'cpu_small': dict(architectures=list(ARCHITECTURES), budgets=[1e12, 2.5e12, 6e12], sizes=5,
                         seq_len=128, batch_size=16, seeds=[0], eval_batches=16),
       'pod': dict(architectures=list(ARCHITECTURES), budgets=[1e18, 1e19, 1e20], sizes=7,
                   seq_len=2048, batch_size=256, seeds=[0], eval_batches=64),
