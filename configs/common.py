@@ -51,11 +51,31 @@ def model_defaults() -> ml_collections.ConfigDict:
       mlp_activation='swiglu',   # swiglu | geglu | gelu | gelu_exact | relu | relu2 | silu
       norm='rmsnorm',            # rmsnorm | layernorm
       norm_eps=1e-5,
+      norm_zero_centred=False,   # scale stored as w, applied as 1 + w (Gemma, Qwen3-Next)
+      norm_placement='pre',      # pre: x + op(norm(x)) | post: x + norm(op(x)) (OLMo 2/3) | sandwich (Gemma 2/3)
       position='rope',           # rope | learned | none
       rope_theta=10000.0,
+      rope_fraction=1.0,         # partial rotary: rotate the first int(head_dim * fraction) dims
+      rope_interleaved=False,    # pairs (2i, 2i+1) (GPT-J, DeepSeek) instead of rotate-half (i, i+R/2)
+      rope_scaling=dict(         # as transformers' rope_scaling / rope_parameters
+          kind='none',           # none | linear | llama3 | yarn
+          factor=1.0,            # context extension factor (linear, llama3, yarn)
+          original_max_len=8192,  # llama3 and yarn: pre-training context (original_max_position_embeddings)
+          low_freq_factor=1.0,   # llama3
+          high_freq_factor=4.0,  # llama3
+          beta_fast=32.0,        # yarn: ramp boundaries in rotations
+          beta_slow=1.0,         # yarn
+          mscale=0.0,            # yarn: with mscale_all_dim, attention factor mscale(m) / mscale(m_all)
+          mscale_all_dim=0.0,    # yarn (MLA also multiplies its softmax scale by mscale(m_all)^2)
+          attention_factor=0.0,  # yarn: cos/sin factor; 0: 0.1 ln(factor) + 1
+          truncate=True,         # yarn: round the ramp boundaries to integers
+      ),
       max_len=2048,              # rows of the learned position table
       tie_embeddings=False,
-      use_bias=False,
+      use_bias=False,            # every bias (attention, MLP); the switches below add them separately
+      mlp_bias=False,            # biases on the MLP's projections
+      embed_scale=1.0,           # multiplies token embeddings (Gemma: sqrt(d_model))
+      logit_softcap=0.0,         # cap * tanh(logits / cap) on the output logits (0: off)
       bidirectional=False,       # True for diffusion objectives
       init_std=0.02,
       scan_layers=True,          # nn.scan over the pattern's repeating unit
@@ -63,9 +83,41 @@ def model_defaults() -> ml_collections.ConfigDict:
       dtype='float32',           # compute dtype
       param_dtype='float32',
       attention=dict(
-          impl='xla',            # xla | dot_product | auto
+          kind='mha',            # mha (MHA/GQA/MQA by num_kv_heads) | mla (DeepSeek, see mla below)
+          impl='xla',            # xla (reference) | dot_product (jax.nn) | cudnn (GPU) | auto
           softmax_scale=0.0,     # 0: 1/sqrt(head_dim)
           causal_block=128,      # query block rows; skips fully masked key blocks (0: off)
+          window=0,              # W sublayers: a query sees keys fewer than window positions back
+          qk_norm='none',        # none | head (RMSNorm per head, Qwen3) | full (whole q/k width, OLMo 2/3)
+          qkv_bias=False,        # biases on q, k, v (Qwen2)
+          o_bias=False,          # bias on the output projection
+          output_gate='none',    # none | headwise | elementwise: sigmoid(x W_gate) * attention (Qwen3-Next)
+          sinks=False,           # a learned logit per head in the softmax denominator (GPT-OSS)
+          mla=dict(              # kind='mla': multi-head latent attention (models/layers/mla.py)
+              q_rank=0,          # query bottleneck rank (0: full-rank queries)
+              kv_rank=64,        # shared key/value latent
+              nope_head_dim=32,  # per-head key/query features without RoPE
+              rope_head_dim=16,  # RoPE features (the key's shared by all heads)
+              v_head_dim=32,
+          ),
+      ),
+      moe=dict(                  # the `E` sublayer (models/layers/moe.py)
+          num_experts=8,
+          num_experts_per_tok=2,     # top-k
+          expert_mlp_dim=0,          # 0: model.mlp_dim
+          router='softmax',          # softmax | sigmoid (scores for top-k and weights, fp32)
+          norm_topk_prob=True,       # renormalise the k weights to sum to one
+          routed_scaling_factor=1.0, # multiplies the routed weights (DeepSeek V3: 2.5)
+          num_shared_experts=0,      # always-on experts, one MLP of n x shared_expert_mlp_dim
+          shared_expert_mlp_dim=0,   # 0: expert_mlp_dim
+          shared_expert_gate=False,  # sigmoid(x w) gate on the shared output (Qwen2-MoE)
+          n_group=1,                 # DeepSeek group-limited routing: experts in n_group groups,
+          topk_group=1,              #   top-k only within the best topk_group groups
+          aux_loss_weight=0.01,      # Switch/GShard load-balancing loss, summed over layers
+          router_z_loss_weight=0.0,  # ST-MoE z-loss on the router logits
+          bias_update_rate=0.0,      # DeepSeek V3 aux-loss-free bias step (0: off; V3 0.001)
+          dispatch='dropless',       # dropless (ragged_dot) | capacity | dense (reference)
+          capacity_factor=1.25,      # capacity: slots per expert = cf * tokens * k / E
       ),
   ))
 
@@ -119,6 +171,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.sharding_rules = 'fsdp'
   config.peak_flops = 0.0        # per device; 0 measures the fp32 matmul peak at start-up
   config.objective = 'next_token'
+  config.init_from = ''          # hf:/dir: start from a Hugging Face checkpoint (models/hf)
   return config
 
 

@@ -15,12 +15,15 @@ import jax.numpy as jnp
 import ml_collections
 
 import models
-from models.layers import attention  # noqa: F401  (registers A)
+from models.layers import attention  # noqa: F401  (registers A, W)
 from models.layers import common
+from models.layers import mla  # noqa: F401  (attention.kind='mla')
 from models.layers import mlp  # noqa: F401  (registers F)
+from models.layers import moe  # noqa: F401  (registers E)
 from models.layers import norms
 
 POSITIONS = ('rope', 'learned', 'none')
+NORM_PLACEMENTS = ('pre', 'post', 'sandwich')
 REMAT_POLICIES = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,
@@ -37,6 +40,14 @@ def split_pattern(pattern: str) -> tuple[str, int]:
   raise ValueError('model.pattern is empty')
 
 
+def sublayer_class(cfg, char: str) -> type:
+  """The class serving pattern character `char` under this config (`A` is MLA when
+  `attention.kind='mla'`): the registered class, or what its `select(cfg)` names."""
+  cls = models.SUBLAYERS[char]
+  select = getattr(cls, 'select', None)
+  return select(cfg) if select else cls
+
+
 def validate(cfg) -> None:
   """Checks a model config; raises ValueError with one line naming the field."""
   if not cfg.pattern:
@@ -49,6 +60,12 @@ def validate(cfg) -> None:
     raise ValueError(f'model.vocab_size={cfg.vocab_size} must be positive')
   if cfg.position not in POSITIONS:
     raise ValueError(f'model.position={cfg.position!r} is not one of {POSITIONS}')
+  if cfg.norm not in norms.KINDS:
+    raise ValueError(f'model.norm={cfg.norm!r} is not one of {norms.KINDS}')
+  if cfg.norm_placement not in NORM_PLACEMENTS:
+    raise ValueError(f'model.norm_placement={cfg.norm_placement!r} is not one of {NORM_PLACEMENTS}')
+  if cfg.logit_softcap < 0:
+    raise ValueError(f'model.logit_softcap={cfg.logit_softcap} must be >= 0 (0: off)')
   if cfg.remat not in REMAT_POLICIES:
     raise ValueError(f'model.remat={cfg.remat!r} is not one of {sorted(REMAT_POLICIES)}')
   if not cfg.head_dim and cfg.d_model % cfg.num_heads:
@@ -57,7 +74,7 @@ def validate(cfg) -> None:
   common.dtype_of(cfg.dtype)
   common.dtype_of(cfg.param_dtype)
   for char in sorted(set(cfg.pattern)):
-    models.SUBLAYERS[char].validate(cfg)
+    sublayer_class(cfg, char).validate(cfg)
 
 
 def merge_aux(auxes: list[dict]) -> dict:
@@ -70,15 +87,19 @@ def merge_aux(auxes: list[dict]) -> dict:
 
 
 class Residual(nn.Module):
-  """x + op(norm(x)) for one pattern character."""
+  """One pattern character by `model.norm_placement`: x + op(norm(x)) ('pre', Llama),
+  x + post_norm(op(x)) ('post', OLMo 2/3) or x + post_norm(op(norm(x))) ('sandwich', Gemma 2/3)."""
   cfg: object
   char: str
 
   @nn.compact
   def __call__(self, x_BTD, *, positions_BT, segment_ids_BT, cache=None):
-    h_BTD = norms.make_norm(self.cfg, 'norm')(x_BTD)
-    op = models.SUBLAYERS[self.char](self.cfg, name='op')
+    placement = self.cfg.norm_placement
+    h_BTD = x_BTD if placement == 'post' else norms.make_norm(self.cfg, 'norm')(x_BTD)
+    op = sublayer_class(self.cfg, self.char)(self.cfg, name='op')
     y_BTD, aux = op(h_BTD, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, cache=cache)
+    if placement != 'pre':
+      y_BTD = norms.make_norm(self.cfg, 'post_norm')(y_BTD)
     x_BTD = x_BTD + y_BTD.astype(x_BTD.dtype)
     return common.constrain(x_BTD, ('batch', 'length', 'embed')), aux
 
@@ -114,7 +135,9 @@ class Decoder(nn.Module):
     if cfg.remat != 'none':
       block = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers and repeats > 1:
-      scanned = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+      # Every variable collection is per layer: parameters and the MoE routing biases.
+      scanned = nn.scan(block, variable_axes={'params': 0, moe.BIAS_COLLECTION: 0},
+                        split_rngs={'params': True},
                         in_axes=(nn.broadcast, nn.broadcast, 0), length=repeats,
                         metadata_params={nn.PARTITION_NAME: 'layers'})
       self.blocks = scanned(cfg, unit, name='blocks')
@@ -135,6 +158,8 @@ class Decoder(nn.Module):
     cfg = self.cfg
     dtype = common.dtype_of(cfg.dtype)
     x_BTD = jnp.take(self.embed_VD, inputs_BT, axis=0).astype(dtype)
+    if cfg.embed_scale != 1.0:  # e.g. sqrt(d_model) (Gemma), rounded to the compute dtype
+      x_BTD = x_BTD * jnp.asarray(cfg.embed_scale, dtype)
     if cfg.position == 'learned':
       x_BTD += jnp.take(self.pos_embed, positions_BT, axis=0).astype(dtype)
     x_BTD = common.constrain(x_BTD, ('batch', 'length', 'embed'))
@@ -156,7 +181,10 @@ class Decoder(nn.Module):
       logits_BTV = common.project(x_BTD, self.embed_VD.T.astype(dtype), out_dtype=jnp.float32)
     else:
       logits_BTV = common.project(x_BTD, self.head_DV.astype(dtype), out_dtype=jnp.float32)
-    logits_BTV = common.constrain(logits_BTV.astype(jnp.float32), ('batch', 'length', 'vocab'))
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    if cfg.logit_softcap:  # cap * tanh(logits / cap) (Gemma 2), float32
+      logits_BTV = cfg.logit_softcap * jnp.tanh(logits_BTV / cfg.logit_softcap)
+    logits_BTV = common.constrain(logits_BTV, ('batch', 'length', 'vocab'))
     if cache is not None:
       aux['cache'] = new_cache
     return logits_BTV, aux
@@ -166,7 +194,7 @@ def init_cache(model_config, batch: int, max_len: int):
   """A decode cache for every sublayer, laid out like the decoder's blocks."""
   cfg = model_config
   unit, repeats = split_pattern(cfg.pattern)
-  one = {f'{i}{c}': models.SUBLAYERS[c].init_cache(cfg, batch, max_len) for i, c in enumerate(unit)}
+  one = {f'{i}{c}': sublayer_class(cfg, c).init_cache(cfg, batch, max_len) for i, c in enumerate(unit)}
   if cfg.scan_layers and repeats > 1:
     return {'blocks': jax.tree.map(lambda a: jnp.broadcast_to(a, (repeats,) + a.shape), one)}
   return {f'block_{r}': one for r in range(repeats)}
@@ -175,7 +203,7 @@ def init_cache(model_config, batch: int, max_len: int):
 def flops_per_token(model_config, seq_len: int) -> float:
   """Analytic forward FLOPs per token: every sublayer plus the output head (2*D*V)."""
   cfg = model_config
-  total = sum(models.SUBLAYERS[c].flops_per_token(cfg, seq_len) for c in cfg.pattern)
+  total = sum(sublayer_class(cfg, c).flops_per_token(cfg, seq_len) for c in cfg.pattern)
   return float(total + 2 * cfg.d_model * cfg.vocab_size)
 
 

@@ -10,6 +10,10 @@ micro-batches, devices and evaluation batches:
 Bits per byte = nll_sum / ln 2 / bytes_sum: it does not depend on the tokenizer.
 Side losses from sublayers arrive in `aux` as `loss/<name>` (already weighted by their own
 config field) and are added to the training loss and reported.
+
+A model with variable collections besides `params` (the MoE routing biases, `moe_bias`) gets
+them as `collections=`; a training step also passes `update_collections=True`, and the
+collections' new values come back in `metrics['collections']` (see `apply_model`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,21 @@ def get_objective(name: str):
   return OBJECTIVES[name]
 
 
+def apply_model(model, params, inputs_BT, *, positions_BT, segment_ids_BT, collections=None,
+                update_collections=False):
+  """`model.apply` with the model's other variable collections; returns (logits, aux).
+
+  With `update_collections` (a training step) the collections are mutable: sublayers may
+  change them (the MoE bias update) and their new values come back in `aux['collections']`.
+  """
+  variables = {'params': params, **(collections or {})}
+  kwargs = dict(positions_BT=positions_BT, segment_ids_BT=segment_ids_BT)
+  if not (update_collections and collections):
+    return model.apply(variables, inputs_BT, **kwargs)
+  (logits_BTV, aux), new = model.apply(variables, inputs_BT, mutable=list(collections), **kwargs)
+  return logits_BTV, {**aux, 'collections': new}
+
+
 def cross_entropy(logits_BTV, targets_BT, weights_BT):
   """Per-token NLL in nats and log-partition, float32."""
   logits_BTV = logits_BTV.astype(jnp.float32)
@@ -46,12 +65,13 @@ def cross_entropy(logits_BTV, targets_BT, weights_BT):
 
 
 @register_objective('next_token')
-def next_token(model, params, batch, rng, *, token_bytes_V, z_loss: float = 0.0):
+def next_token(model, params, batch, rng, *, token_bytes_V, z_loss: float = 0.0,
+               collections=None, update_collections=False):
   """Causal language modelling: predict batch['targets'] from batch['inputs']."""
   del rng
-  logits_BTV, aux = model.apply({'params': params}, batch['inputs'],
-                                positions_BT=batch['positions'],
-                                segment_ids_BT=batch['segment_ids'])
+  logits_BTV, aux = apply_model(model, params, batch['inputs'], positions_BT=batch['positions'],
+                                segment_ids_BT=batch['segment_ids'], collections=collections,
+                                update_collections=update_collections)
   weights_BT = batch['weights'].astype(jnp.float32)
   nll_BT, lse_BT = cross_entropy(logits_BTV, batch['targets'], weights_BT)
   weight_sum = jnp.sum(weights_BT)

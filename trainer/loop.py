@@ -22,6 +22,7 @@ import numpy as np
 import input_pipeline
 import models
 from models import objectives
+from models.hf import init_from as hf_init_from
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
 from trainer import checkpoint
@@ -81,12 +82,19 @@ class Run:
 
 
 def make_init_fn(model, tx, seq_len: int):
-  """`rng -> state` with parameters boxed with their logical axis names."""
+  """`rng -> state` with parameters boxed with their logical axis names.
+
+  `state['collections']` holds the model's variable collections other than params (e.g. the
+  MoE routing biases): not trained by the optimizer, updated by the step, checkpointed.
+  """
 
   def init(rng):
     dummy_BT = jnp.zeros((1, seq_len), jnp.int32)
-    params = model.init(rng, dummy_BT, positions_BT=dummy_BT, segment_ids_BT=dummy_BT + 1)['params']
-    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+    variables = model.init(rng, dummy_BT, positions_BT=dummy_BT, segment_ids_BT=dummy_BT + 1)
+    params = variables['params']
+    collections = {k: v for k, v in variables.items() if k != 'params'}
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
+            'collections': collections}
 
   return init
 
@@ -98,9 +106,12 @@ def make_step_fns(model, tx, schedule, objective, config, token_bytes_V):
 
   def train_step(state, batch):
     rng = jax.random.fold_in(jax.random.key(t.seed), state['step'])
+    extra = {}
+    if state['collections']:  # e.g. MoE routing biases, updated by the step
+      extra = dict(collections=state['collections'], update_collections=True)
 
     def grads_of(micro, micro_rng):
-      fn = lambda p: objective(model, p, micro, micro_rng, **loss_kwargs)
+      fn = lambda p: objective(model, p, micro, micro_rng, **extra, **loss_kwargs)
       return jax.grad(fn, has_aux=True)(state['params'])
 
     if t.grad_accum == 1:
@@ -118,19 +129,24 @@ def make_step_fns(model, tx, schedule, objective, config, token_bytes_V):
       (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(t.grad_accum)))
       scale = 1.0 / t.grad_accum
       grads = jax.tree.map(lambda g: g * scale, grads)
-      metrics = {k: v if k.endswith('_sum') else v * scale for k, v in metrics.items()}
+      metrics = {k: v if k.endswith('_sum') else jax.tree.map(lambda x: x * scale, v)
+                 for k, v in metrics.items()}
+    # New values of the other collections (averaged over micro-batches).
+    collections = metrics.pop('collections', state['collections'])
     grad_norm = optim.global_norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state['params'], updates)
     ok = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
-    new = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
+    new = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state,
+           'collections': collections}
     # A non-finite step leaves the state as it was; the host stops the run on `ok=False`.
     new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
     metrics.update(grad_norm=grad_norm, lr=schedule(state['step']), ok=ok)
     return new, metrics
 
-  def eval_step(params, batch):
-    _, metrics = objective(model, params, batch, jax.random.key(0), **loss_kwargs)
+  def eval_step(params, collections, batch):
+    extra = dict(collections=collections) if collections else {}
+    _, metrics = objective(model, params, batch, jax.random.key(0), **extra, **loss_kwargs)
     return {k: v for k, v in metrics.items() if k.endswith('_sum')}
 
   return train_step, eval_step
@@ -139,6 +155,8 @@ def make_step_fns(model, tx, schedule, objective, config, token_bytes_V):
 def setup(config, workdir: str | None) -> Run:
   """Builds data, model, optimizer and the jitted functions (no state is created yet)."""
   config = ml_collections.ConfigDict(config.to_dict())
+  if config.get('init_from'):  # checks the model against the checkpoint, takes its tokenizer
+    hf_init_from.prepare(config)
   mesh_lib.maybe_initialize_distributed()
   t = config.train
   if t.batch_size <= 0 or t.batch_size % t.grad_accum:
@@ -176,7 +194,8 @@ def setup(config, workdir: str | None) -> Run:
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     train_jit = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
                         out_shardings=(state_sharding, None), donate_argnums=0)
-    eval_jit = jax.jit(eval_step, in_shardings=(state_sharding['params'], batch_sharding))
+    eval_jit = jax.jit(eval_step, in_shardings=(state_sharding['params'],
+                                                state_sharding['collections'], batch_sharding))
     init_jit = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=state_sharding)
   return Run(config=config, model=model, data=data, mesh=mesh, rules=rules,
              total_steps=total_steps, tokens_per_step=tokens_per_step,
@@ -191,12 +210,13 @@ def to_global(run: Run, local_batch: dict) -> dict:
           for k, v in local_batch.items()}
 
 
-def evaluate(run: Run, params) -> dict:
+def evaluate(run: Run, state) -> dict:
   """Loss in nats per token and bits per byte over the fixed validation batches."""
   sums = {}
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
     for batch in run.data.eval_batches:
-      for k, v in jax.device_get(run.eval_step(params, to_global(run, batch))).items():
+      out = run.eval_step(state['params'], state['collections'], to_global(run, batch))
+      for k, v in jax.device_get(out).items():
         sums[k] = sums.get(k, 0.0) + float(v)
   return {'eval_loss': sums['nll_sum'] / max(sums['weight_sum'], 1.0),
           'eval_bits_per_byte': objectives.bits_per_byte(sums['nll_sum'], sums['bytes_sum'])}
@@ -223,6 +243,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       logging.info('resumed from the checkpoint at step %d', latest)
     else:
       state = run.init_state(jax.random.key(t.seed))
+      if config.get('init_from'):
+        state['params'] = jax.device_put(hf_init_from.load_params(config),
+                                         run.state_sharding['params'])
     start_step = int(state['step'])
     abstract_batch = {
         k: jax.ShapeDtypeStruct((t.batch_size, config.data.seq_len), dt, sharding=run.batch_sharding)
@@ -279,15 +302,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
             'tokens_per_sec': tokens_per_sec,
             'mfu': run.train_flops_per_step * interval_steps / max(interval_time, 1e-9) / peak,
         }
-        record.update({k: v for k, v in metrics.items()
-                       if k not in ('ok', 'nll_sum', 'weight_sum', 'bytes_sum') and k not in record})
+        for k, v in metrics.items():
+          if k in ('ok', 'nll_sum', 'weight_sum', 'bytes_sum') or k in record:
+            continue
+          if np.ndim(v):  # a vector (e.g. the MoE load per expert): one scalar per entry
+            record.update({f'{k}/{i}': x for i, x in enumerate(np.ravel(v))})
+          else:
+            record[k] = v
         if done % t.eval_every == 0 or last:
-          eval_metrics = evaluate(run, state['params'])
+          eval_metrics = evaluate(run, state)
           record.update(eval_metrics)
         writer.write(done, record)
         interval_time, interval_steps = 0.0, 0
       elif done % t.eval_every == 0:
-        eval_metrics = evaluate(run, state['params'])
+        eval_metrics = evaluate(run, state)
         writer.write(done, eval_metrics)
       if done % t.checkpoint_every == 0 or last:
         checkpoint.save(mngr, done, state, step_data_state, saved_model_config)
@@ -297,7 +325,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.close()
 
   if not eval_metrics:  # resumed a finished run: evaluate the restored parameters
-    eval_metrics = evaluate(run, state['params'])
+    eval_metrics = evaluate(run, state)
   summary = {
       **params_count,
       'steps': run.total_steps,

@@ -1,11 +1,20 @@
-"""Softmax attention sublayer `A`: MHA / GQA / MQA with RoPE or no positions, and a KV cache.
+"""Softmax attention sublayers: `A` (global) and `W` (sliding window), MHA / GQA / MQA.
 
 One module serves training (a packed row; attention never crosses a segment), prefill and
-step-by-step decoding (a cache of keys, values, their positions and segments). Logits and
-softmax are float32.
+step-by-step decoding (a cache of keys, values, their positions and segments). Options from
+`config.model.attention`: QK-norm per head or over the whole projection, q/k/v and output
+biases, a sigmoid output gate, learned per-head sinks, a softmax scale, a window (`W`), and
+the implementation (`impl`). Logits, softmax, sinks and gates are float32.
+
+`attend` is the part every attention kind shares (mask, window, sinks, implementation,
+causal query blocks); MLA (`models/layers/mla.py`, `attention.kind='mla'`) uses it too.
+`W` keeps the full-length KV cache for now; the window is applied by the mask.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -13,71 +22,238 @@ import jax.numpy as jnp
 
 import models
 from models.layers import common
+from models.layers import norms
 from models.layers import positions as positions_lib
 
-IMPLS = ('xla', 'dot_product', 'auto')
+IMPLS = ('xla', 'dot_product', 'cudnn', 'auto')
+QK_NORMS = ('none', 'head', 'full')
+OUTPUT_GATES = ('none', 'headwise', 'elementwise')
+# attention.kind -> (global class, windowed class); filled by `register_kind`.
+KINDS: dict[str, tuple[type, type]] = {}
 
 
-def attention_mask(q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, *, causal: bool):
-  """True where query t may attend key s: same non-zero segment and, if causal, s <= t."""
+def register_kind(kind: str, global_cls: type, window_cls: type) -> None:
+  """Makes `A` and `W` use these classes when `model.attention.kind == kind`."""
+  if kind in KINDS and KINDS[kind] != (global_cls, window_cls):
+    raise ValueError(f'attention kind {kind!r} is already registered')
+  KINDS[kind] = (global_cls, window_cls)
+
+
+def attention_mask(q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, *, causal: bool, window: int = 0):
+  """True where query t may attend key s: same non-zero segment and, if causal, s <= t.
+
+  With `window` > 0 a key must also lie fewer than `window` positions from the query
+  (t - s < window causal, |t - s| < window otherwise), the query itself included.
+  """
   mask_BTS = (q_seg_BT[:, :, None] == k_seg_BS[:, None, :]) & (k_seg_BS[:, None, :] != 0)
+  distance_BTS = q_pos_BT[:, :, None] - k_pos_BS[:, None, :]
   if causal:
-    mask_BTS &= q_pos_BT[:, :, None] >= k_pos_BS[:, None, :]
+    mask_BTS &= distance_BTS >= 0
+  if window:
+    mask_BTS &= (distance_BTS if causal else jnp.abs(distance_BTS)) < window
   return mask_BTS
 
 
-def dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float):
+def dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float, sinks_N=None):
   """Reference attention: GQA by grouping the query heads of each kv head.
 
   The products run as batched matmuls over (batch, kv head) with one free dimension each
   side ((group x query) rows against keys): XLA:CPU runs those about 1.5x faster than the
-  equivalent einsum with two free dimensions, backward included.
+  equivalent einsum with two free dimensions, backward included. `sinks_N` adds one logit
+  per head to the softmax denominator (GPT-OSS): probabilities then sum to less than one.
+  Values may have another head dim than queries and keys (MLA).
   """
   b, t, n, h = q_BTNH.shape
-  s, k = k_BSKH.shape[1], k_BSKH.shape[2]
+  s, k, hv = k_BSKH.shape[1], k_BSKH.shape[2], v_BSKH.shape[-1]
   g = n // k
   q_BKRH = q_BTNH.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
   logits_BKRS = jnp.matmul(q_BKRH, k_BSKH.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32)
-  logits_BKGTS = logits_BKRS.reshape(b, k, g, t, s) * scale
+  logits_BKGTS = logits_BKRS.reshape(b, k, g, t, s).astype(jnp.float32) * scale
   logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, -1e30)
-  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
+  if sinks_N is None:
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
+  else:
+    sink_1KG11 = sinks_N.astype(jnp.float32).reshape(1, k, g, 1, 1)  # float32, like the logits
+    max_BKGT1 = jnp.maximum(jnp.max(logits_BKGTS, -1, keepdims=True), sink_1KG11)
+    max_BKGT1 = jax.lax.stop_gradient(max_BKGT1)
+    exp_BKGTS = jnp.exp(logits_BKGTS - max_BKGT1)
+    denominator_BKGT1 = jnp.sum(exp_BKGTS, -1, keepdims=True) + jnp.exp(sink_1KG11 - max_BKGT1)
+    probs_BKGTS = exp_BKGTS / denominator_BKGT1
   # A query row with no visible key (padding) gets zeros, not a uniform average.
   probs_BKGTS = jnp.where(mask_BTS[:, None, None], probs_BKGTS, 0.0)
   out_BKRH = jnp.matmul(probs_BKGTS.reshape(b, k, g * t, s).astype(v_BSKH.dtype),
                         v_BSKH.transpose(0, 2, 1, 3))
-  return out_BKRH.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+  return out_BKRH.reshape(b, k, g, t, hv).transpose(0, 3, 1, 2, 4).reshape(b, t, n, hv)
 
 
-def library_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float):
-  """`jax.nn.dot_product_attention` (cuDNN on GPU where its constraints hold)."""
+def library_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float, sinks_N=None,
+                      implementation=None):
+  """`jax.nn.dot_product_attention` (`implementation='cudnn'` for cuDNN on GPU).
+
+  It has no sink logits (validation refuses `attention.sinks` with it). It needs values of
+  the keys' head dim, so the narrower side is zero-padded (which changes no logit).
+  """
+  if sinks_N is not None:
+    raise ValueError('jax.nn.dot_product_attention has no sink logits; use attention.impl=xla')
+  h, hv = k_BSKH.shape[-1], v_BSKH.shape[-1]
+  pad = lambda x, to: jnp.pad(x, [(0, 0)] * 3 + [(0, to - x.shape[-1])])
+  if hv < h:
+    v_BSKH = pad(v_BSKH, h)
+  elif hv > h:
+    q_BTNH, k_BSKH = pad(q_BTNH, hv), pad(k_BSKH, hv)
   out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
-                                          scale=scale)
+                                          scale=scale, implementation=implementation)
   any_T = jnp.any(mask_BTS, axis=-1)[..., None, None]
-  return jnp.where(any_T, out_BTNH, 0.0).astype(q_BTNH.dtype)
+  return jnp.where(any_T, out_BTNH, 0.0)[..., :hv].astype(q_BTNH.dtype)
 
 
-def causal_blocks(attend, q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float, block: int):
-  """`attend` over query blocks of `block` rows, each against the keys up to its last row.
+def causal_blocks(attend_fn, q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float, block: int,
+                  window: int = 0, **kwargs):
+  """`attend_fn` over query blocks of `block` rows, each against the keys it can see.
 
-  Skips the key blocks a causal mask hides entirely (about half the work at long rows). It
-  relies on what packed training rows guarantee: keys are the queries' own row and a key
-  after a query's index is never visible to it (positions increase within each segment).
+  Skips the key blocks a causal mask hides entirely (about half the work at long rows) and,
+  with a `window`, the keys more than `window - 1` rows before a block's first query. It
+  relies on what packed training rows guarantee: keys are the queries' own row and
+  positions increase by at least one per row within each segment, so a key after a query's
+  index, or `window` or more rows before it, is never visible to it.
   """
   t = q_BTNH.shape[1]
   if not block or t <= block or t % block or k_BSKH.shape[1] != t:
-    return attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale)
+    return attend_fn(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, **kwargs)
   outs = []
   for start in range(0, t, block):
     end = start + block
-    outs.append(attend(q_BTNH[:, start:end], k_BSKH[:, :end], v_BSKH[:, :end],
-                       mask_BTS[:, start:end, :end], scale))
+    first = max(0, start - window + 1) if window else 0
+    outs.append(attend_fn(q_BTNH[:, start:end], k_BSKH[:, first:end], v_BSKH[:, first:end],
+                          mask_BTS[:, start:end, first:end], scale, **kwargs))
   return jnp.concatenate(outs, axis=1)
+
+
+def impl_problem(cfg, impl: str, head_dims: tuple[int, ...]) -> str | None:
+  """Why `impl` cannot serve this config on this backend, or None if it can."""
+  if impl in ('dot_product', 'cudnn') and cfg.attention.sinks:
+    return 'jax.nn.dot_product_attention has no sink logits (model.attention.sinks=True)'
+  if impl == 'cudnn':
+    backend = jax.default_backend()
+    if backend != 'gpu':
+      return f'cuDNN attention needs a GPU, the backend is {backend!r}'
+    if cfg.dtype not in ('bfloat16', 'float16'):
+      return f'cuDNN attention needs model.dtype bfloat16 or float16, not {cfg.dtype!r}'
+    if any(h % 8 or h > 128 for h in head_dims):
+      return f'cuDNN attention needs head dims that are multiples of 8 up to 128, got {head_dims}'
+  return None
+
+
+def resolve_impl(cfg, head_dims: tuple[int, ...]) -> str:
+  """`attention.impl`, with `auto` resolved: cuDNN where it works, else the xla reference."""
+  impl = cfg.attention.impl
+  if impl == 'auto':
+    impl = 'cudnn' if impl_problem(cfg, 'cudnn', head_dims) is None else 'xla'
+  return impl
+
+
+def attend(cfg, q_BTNH, k_BSKH, v_BSKH, *, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, scale: float,
+           window: int = 0, sinks_N=None, blocked: bool = False):
+  """Masked softmax attention by the configured implementation; the part all kinds share.
+
+  `blocked` (training rows, no cache) splits causal rows into `attention.causal_block`
+  query blocks that skip hidden key blocks.
+  """
+  causal = not cfg.bidirectional
+  mask_BTS = attention_mask(q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, causal=causal, window=window)
+  impl = resolve_impl(cfg, (q_BTNH.shape[-1], v_BSKH.shape[-1]))
+  if impl == 'xla':
+    fn = dot_attention
+  else:
+    fn = functools.partial(library_attention, implementation='cudnn' if impl == 'cudnn' else None)
+  if blocked and causal:
+    return causal_blocks(fn, q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, cfg.attention.causal_block,
+                         window=window, sinks_N=sinks_N)
+  return fn(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, sinks_N=sinks_N)
+
+
+def update_cache(cache: dict, new: dict, length: int) -> dict:
+  """Writes each `new[name]` (B, T, ...) at `cache['index']` along axis 1; index += T."""
+  i = cache['index']
+  out = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], value.astype(cache[name].dtype), i, 1)
+         for name, value in new.items()}
+  out['index'] = i + length
+  return out
+
+
+def output_gate(module, cfg, x_BTD, out_BTNH):
+  """sigmoid(x W_gate) times the attention output, per head or per feature (Qwen3-Next).
+
+  Parameter `gate` is (D, N) headwise or (D, N, H) elementwise; `gate_bias` comes with
+  the q/k/v biases (Qwen3-Next's gate is part of its q projection).
+  """
+  kind = cfg.attention.output_gate
+  if kind == 'none':
+    return out_BTNH
+  d, n, h = x_BTD.shape[-1], out_BTNH.shape[2], out_BTNH.shape[3]
+  dtype, pdtype = common.dtype_of(cfg.dtype), common.dtype_of(cfg.param_dtype)
+  shape, axes = ((d, n), ('embed', 'heads')) if kind == 'headwise' else (
+      (d, n, h), ('embed', 'heads', 'head_dim'))
+  w = module.param('gate', common.normal_init(cfg.init_std, axes), shape, pdtype).astype(dtype)
+  gate_BTN = common.project(x_BTD, w)
+  if qkv_bias(cfg):
+    gate_BTN += module.param('gate_bias', common.zeros_init(axes[1:]), shape[1:], pdtype).astype(dtype)
+  gate_BTN = jax.nn.sigmoid(gate_BTN.astype(jnp.float32))  # float32 gate
+  if kind == 'headwise':
+    gate_BTN = gate_BTN[..., None]
+  return (out_BTNH.astype(jnp.float32) * gate_BTN).astype(out_BTNH.dtype)
+
+
+def qkv_bias(cfg) -> bool:
+  return bool(cfg.use_bias or cfg.attention.qkv_bias)
+
+
+def o_bias(cfg) -> bool:
+  return bool(cfg.use_bias or cfg.attention.o_bias)
+
+
+def validate_shared(cfg, cls, head_dims: tuple[int, ...]) -> None:
+  """Checks the `attention` fields every kind reads; one-line ValueErrors naming the field."""
+  a = cfg.attention
+  if a.impl not in IMPLS:
+    raise ValueError(f'model.attention.impl={a.impl!r} is not one of {IMPLS}')
+  if a.impl != 'auto':
+    problem = impl_problem(cfg, a.impl, head_dims)
+    if problem:
+      raise ValueError(f'model.attention.impl={a.impl!r} cannot serve this model: {problem}; '
+                       f"use 'xla' or 'auto'")
+  if a.causal_block < 0:
+    raise ValueError(f'model.attention.causal_block={a.causal_block} must be >= 0')
+  if a.window < 0 or (cls.windowed and a.window == 0):
+    raise ValueError(f"model.attention.window={a.window} must be positive for 'W' sublayers")
+  if a.output_gate not in OUTPUT_GATES:
+    raise ValueError(f'model.attention.output_gate={a.output_gate!r} is not one of {OUTPUT_GATES}')
+  if a.qk_norm not in QK_NORMS:
+    raise ValueError(f'model.attention.qk_norm={a.qk_norm!r} is not one of {QK_NORMS}')
+
+
+def score_length(cls, cfg, seq_len: int) -> int:
+  """Keys per query counted in FLOPs: the row, or min(row, window) for windowed layers."""
+  return min(seq_len, cfg.attention.window) if cls.windowed else seq_len
 
 
 @models.register_sublayer('A')
 class Attention(nn.Module):
   """Global softmax attention over the row (causal unless the model is bidirectional)."""
   cfg: object  # FrozenConfigDict of config.model
+  windowed: ClassVar[bool] = False
+
+  @classmethod
+  def select(cls, cfg) -> type:
+    """The class that serves this pattern character for `model.attention.kind`."""
+    kind = cfg.attention.kind
+    if kind not in KINDS:
+      raise ValueError(f'model.attention.kind={kind!r} is not one of {sorted(KINDS)}')
+    return KINDS[kind][cls.windowed]
+
+  @classmethod
+  def window(cls, cfg) -> int:
+    return cfg.attention.window if cls.windowed else 0
 
   @classmethod
   def validate(cls, cfg):
@@ -85,25 +261,27 @@ class Attention(nn.Module):
     if n <= 0 or k <= 0 or n % k:
       raise ValueError(f'model.num_heads={n} must be a positive multiple of '
                        f'model.num_kv_heads={k}')
-    if cfg.attention.impl not in IMPLS:
-      raise ValueError(f'model.attention.impl={cfg.attention.impl!r} is not one of {IMPLS}')
-    if cfg.attention.causal_block < 0:
-      raise ValueError(f'model.attention.causal_block={cfg.attention.causal_block} must be >= 0')
-    if cfg.position == 'rope' and head_dim(cfg) % 2:
-      raise ValueError(f'RoPE needs an even head dim, model.head_dim={head_dim(cfg)}')
+    validate_shared(cfg, cls, (head_dim(cfg),))
+    if cfg.position == 'rope':
+      if head_dim(cfg) % 2:
+        raise ValueError(f'RoPE needs an even head dim, model.head_dim={head_dim(cfg)}')
+      positions_lib.validate(cfg, head_dim(cfg))
 
   @classmethod
   def flops_per_token(cls, cfg, seq_len: int) -> float:
-    """Forward FLOPs per token: projections + QK^T and PV over the full row.
+    """Forward FLOPs per token: projections (and output gate) + QK^T and PV.
 
-    No causal halving, as in PaLM's MFU: the full T x T scores. `attention.causal_block`
-    skips key blocks that the causal mask hides, so the hardware executes less than this
-    at long rows; halve the 4*T*N*H term for the 'useful' count.
+    Scores count every key of the row (`A`) or min(row, `attention.window`) keys (`W`), with
+    no causal halving, as in PaLM's MFU. `attention.causal_block` skips key blocks that the
+    causal mask (or the window) hides, so the hardware executes less than this at long
+    rows; halve the 4*S*N*H term of `A` for the 'useful' count. Norms, sinks and the
+    sigmoid are not counted.
     """
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
     projections = 2 * d * h * (2 * n + 2 * k)
-    scores = 4 * seq_len * n * h
-    return float(projections + scores)
+    gate = {'none': 0, 'headwise': 2 * d * n, 'elementwise': 2 * d * n * h}[cfg.attention.output_gate]
+    scores = 4 * score_length(cls, cfg, seq_len) * n * h
+    return float(projections + gate + scores)
 
   @classmethod
   def init_cache(cls, cfg, batch: int, max_len: int):
@@ -135,46 +313,56 @@ class Attention(nn.Module):
     q_BTNH = common.project(x_BTD, proj('q', (d, n, h), ('embed', 'heads', 'head_dim'), std))
     k_BTKH = common.project(x_BTD, proj('k', (d, k, h), ('embed', 'kv_heads', 'head_dim'), std))
     v_BTKH = common.project(x_BTD, proj('v', (d, k, h), ('embed', 'kv_heads', 'head_dim'), std))
-    if cfg.use_bias:
+    if qkv_bias(cfg):
       q_BTNH += bias('q_bias', (n, h), ('heads', 'head_dim'))
       k_BTKH += bias('k_bias', (k, h), ('kv_heads', 'head_dim'))
       v_BTKH += bias('v_bias', (k, h), ('kv_heads', 'head_dim'))
+    if cfg.attention.qk_norm == 'head':  # Qwen3: RMSNorm over each head's features
+      q_BTNH = norms.make_norm(cfg, 'q_norm', kind='rmsnorm', axes=('head_dim',))(q_BTNH)
+      k_BTKH = norms.make_norm(cfg, 'k_norm', kind='rmsnorm', axes=('head_dim',))(k_BTKH)
+    elif cfg.attention.qk_norm == 'full':  # OLMo 2/3: RMSNorm over the whole projection
+      q_BTNH = norms.make_norm(cfg, 'q_norm', kind='rmsnorm', num_axes=2,
+                               axes=('heads', 'head_dim'))(q_BTNH)
+      k_BTKH = norms.make_norm(cfg, 'k_norm', kind='rmsnorm', num_axes=2,
+                               axes=('kv_heads', 'head_dim'))(k_BTKH)
     q_BTNH = common.constrain(q_BTNH, ('batch', 'length', 'heads', 'head_dim'))
     k_BTKH = common.constrain(k_BTKH, ('batch', 'length', 'kv_heads', 'head_dim'))
     v_BTKH = common.constrain(v_BTKH, ('batch', 'length', 'kv_heads', 'head_dim'))
     if cfg.position == 'rope':
-      q_BTNH = positions_lib.apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
-      k_BTKH = positions_lib.apply_rope(k_BTKH, positions_BT, cfg.rope_theta)
+      rope = positions_lib.rope_from_config(cfg, h)
+      q_BTNH, k_BTKH = rope(q_BTNH, positions_BT), rope(k_BTKH, positions_BT)
 
     aux = {}
     if cache is None:
       k_BSKH, v_BSKH, k_pos_BS, k_seg_BS = k_BTKH, v_BTKH, positions_BT, segment_ids_BT
     else:
-      i = cache['index']
-      write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), i, 1)
-      k_BSKH, v_BSKH = write(cache['k_BSKH'], k_BTKH), write(cache['v_BSKH'], v_BTKH)
-      k_pos_BS = write(cache['pos_BS'], positions_BT)
-      k_seg_BS = write(cache['seg_BS'], segment_ids_BT)
-      aux['cache'] = {'k_BSKH': k_BSKH, 'v_BSKH': v_BSKH, 'pos_BS': k_pos_BS,
-                      'seg_BS': k_seg_BS, 'index': i + x_BTD.shape[1]}
+      aux['cache'] = new = update_cache(
+          cache, {'k_BSKH': k_BTKH, 'v_BSKH': v_BTKH, 'pos_BS': positions_BT,
+                  'seg_BS': segment_ids_BT}, x_BTD.shape[1])
+      k_BSKH, v_BSKH, k_pos_BS, k_seg_BS = new['k_BSKH'], new['v_BSKH'], new['pos_BS'], new['seg_BS']
 
-    mask_BTS = attention_mask(positions_BT, segment_ids_BT, k_pos_BS, k_seg_BS,
-                              causal=not cfg.bidirectional)
-    scale = cfg.attention.softmax_scale or h ** -0.5
-    impl = cfg.attention.impl
-    if impl == 'auto':
-      impl = 'dot_product'
-    attend = dot_attention if impl == 'xla' else library_attention
-    if cache is None and not cfg.bidirectional:
-      out_BTNH = causal_blocks(attend, q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale,
-                               cfg.attention.causal_block)
-    else:
-      out_BTNH = attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale)
+    sinks_N = None
+    if cfg.attention.sinks:
+      sinks_N = self.param('sinks', common.zeros_init(('heads',)), (n,), pdtype)
+    out_BTNH = attend(cfg, q_BTNH, k_BSKH, v_BSKH, q_pos_BT=positions_BT, q_seg_BT=segment_ids_BT,
+                      k_pos_BS=k_pos_BS, k_seg_BS=k_seg_BS,
+                      scale=cfg.attention.softmax_scale or h ** -0.5,
+                      window=self.window(cfg), sinks_N=sinks_N, blocked=cache is None)
+    out_BTNH = output_gate(self, cfg, x_BTD, out_BTNH)
     out_BTNH = common.constrain(out_BTNH, ('batch', 'length', 'heads', 'head_dim'))
     y_BTD = common.project(out_BTNH, proj('o', (n, h, d), ('heads', 'head_dim', 'embed'), out_std), 2)
-    if cfg.use_bias:
+    if o_bias(cfg):
       y_BTD += bias('o_bias', (d,), ('embed',))
     return y_BTD, aux
+
+
+@models.register_sublayer('W')
+class SlidingAttention(Attention):
+  """Sliding-window attention: each query sees the last `attention.window` positions."""
+  windowed: ClassVar[bool] = True
+
+
+register_kind('mha', Attention, SlidingAttention)
 
 
 def head_dim(cfg) -> int:

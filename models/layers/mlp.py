@@ -55,7 +55,7 @@ class Mlp(nn.Module):
     def dense(name, x, shape, axes, std):
       w = self.param(name, common.normal_init(std, axes), shape, pdtype).astype(dtype)
       y = common.project(x, w)
-      if cfg.use_bias:
+      if cfg.use_bias or cfg.mlp_bias:
         y += self.param(name + '_bias', common.zeros_init(axes[-1:]), shape[-1:], pdtype).astype(dtype)
       return y
 

@@ -1,0 +1,350 @@
+"""What a Hugging Face family is: a config translation and a mapping table, in a registry.
+
+A family (one `model_type` of transformers) is
+  * `config_to_archlab(hf) -> {model field: value}`: reads config.json through `HfConfig`,
+    refusing what archlab cannot express with one line naming the config.json field;
+  * `config_to_hf(model_config) -> dict`: the config.json for an archlab model;
+  * `tensors(model_config) -> [Tensor]`: the mapping table, one row per HF tensor.
+
+Archlab parameters are named by logical paths: `('embed',)`, `('final_norm', 'scale')`, or a
+path whose first element is an int, the sublayer's position in `model.pattern`:
+`(2, 'op', 'q')` is the query projection of the third sublayer. `layout` turns those into
+the decoder's real tree (`block_{r}` unrolled, or `blocks` with a leading layer axis).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from configs import common as configs_common
+
+Path = tuple  # a logical archlab parameter path (see the module docstring)
+
+# Model fields that change how a step computes or how parameters are stored, not the function
+# the parameters compute: they are kept from the caller's config and never compared.
+RUNTIME_FIELDS = ('name', 'scan_layers', 'remat', 'dtype', 'param_dtype', 'init_std',
+                  'attention.impl', 'attention.causal_block')
+
+
+class UnsupportedError(ValueError):
+  """A checkpoint or config archlab cannot translate; the message is one line."""
+
+
+class HfConfig:
+  """A config.json's fields, with one-line refusals that name the file and the field."""
+
+  def __init__(self, fields: dict, source: str):
+    self.fields = dict(fields)
+    self.source = source
+
+  def get(self, key: str, default: Any = None) -> Any:
+    value = self.fields.get(key)
+    return default if value is None else value
+
+  def refuse(self, key: str, why: str):
+    value = self.fields.get(key)
+    raise UnsupportedError(f'{self.source}: {key}={value!r} {why}')
+
+  def require(self, key: str, allowed, default: Any = None) -> Any:
+    """The field's value (or `default` when absent), which must be one of `allowed`."""
+    value = self.get(key, default)
+    if value not in allowed:
+      self.refuse(key, f'is not supported by archlab (supported: {list(allowed)})')
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+  """One row of a mapping table: a HF tensor and the archlab parameter(s) it holds.
+
+  kind:
+    'copy'   the same numbers in the same order (reshaped): norms, embeddings, biases,
+             GPT-2's Conv1D weights, which are stored (in, out) like archlab's;
+    'linear' a torch `nn.Linear` weight (out, in): transposed, then reshaped;
+    'fused'  several archlab parameters concatenated along HF's last axis (GPT-2's c_attn).
+  `contract` is how many leading axes of the archlab parameter(s) are the input side
+  (as in `models.layers.common.project`): 1 for `q` (D, N, H), 2 for `o` (N, H, D), 0 for
+  vectors.
+  """
+  hf: str
+  ours: tuple[Path, ...]
+  kind: str = 'copy'
+  contract: int = 1
+
+  def __post_init__(self):
+    assert self.kind in ('copy', 'linear', 'fused'), self.kind
+    assert self.kind == 'fused' or len(self.ours) == 1, self
+
+  def to_archlab(self, array: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """The archlab arrays (with `shapes`) that HF's `array` holds."""
+    expected = self.hf_shape(shapes)
+    if tuple(array.shape) != expected:
+      raise UnsupportedError(f'tensor {self.hf} has shape {tuple(array.shape)}, but the '
+                             f'config gives {expected}')
+    if self.kind == 'copy':
+      return [array.reshape(shapes[0])]
+    if self.kind == 'linear':
+      return [array.T.reshape(shapes[0])]
+    sizes = np.cumsum([math.prod(s[self.contract:]) for s in shapes])[:-1]
+    return [piece.reshape(s) for piece, s in zip(np.split(array, sizes, axis=-1), shapes)]
+
+  def to_hf(self, arrays: list[np.ndarray]) -> np.ndarray:
+    flat = [a.reshape(_matrix_shape(a.shape, self.contract)) for a in arrays]
+    if self.kind == 'copy':
+      return flat[0]
+    if self.kind == 'linear':
+      return flat[0].T
+    return np.concatenate(flat, axis=-1)
+
+  def hf_shape(self, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    flat = [_matrix_shape(s, self.contract) for s in shapes]
+    if self.kind == 'copy':
+      return flat[0]
+    if self.kind == 'linear':
+      return flat[0][::-1]
+    return flat[0][:-1] + (sum(f[-1] for f in flat),)
+
+
+def _matrix_shape(shape, contract: int) -> tuple[int, ...]:
+  """(in, out) with the first `contract` axes as `in`; a vector when `contract` is 0."""
+  if contract == 0:
+    return (math.prod(shape),)
+  return (math.prod(shape[:contract]), math.prod(shape[contract:]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """One transformers `model_type`: config translation both ways and the mapping table."""
+  model_type: str
+  architecture: str                     # config.json "architectures", e.g. LlamaForCausalLM
+  prefix: str                           # backbone prefix of tensor names, optional in files
+  config_to_archlab: Callable[[HfConfig], dict]
+  config_to_hf: Callable[[Any], dict]
+  tensors: Callable[[Any], list[Tensor]]
+  ignored: tuple[str, ...] = ()         # regexes of HF tensors that are buffers, not weights
+
+
+FAMILIES: dict[str, Family] = {}
+
+# Families of the transformer issue with no mapping table yet, and the components they use.
+PENDING = {
+    'qwen3_moe': 'QK-norm and the mixture-of-experts sublayer E',
+    'olmo3': 'post-norm placement, full-width QK-norm and sliding-window attention W',
+    'gpt_oss': 'the MoE sublayer E, attention sinks, sliding windows and YaRN RoPE',
+    'deepseek_v3': 'MLA attention and the MoE sublayer E with group-limited routing',
+}
+
+
+def register(family: Family) -> Family:
+  """Adds a family to the registry; a second family for one model_type is refused."""
+  if family.model_type in FAMILIES and FAMILIES[family.model_type] is not family:
+    raise ValueError(f'model_type {family.model_type!r} is already registered')
+  FAMILIES[family.model_type] = family
+  return family
+
+
+def get(model_type, source: str) -> Family:
+  """The family of a config.json's `model_type`, or one line saying why there is none."""
+  if model_type in FAMILIES:
+    return FAMILIES[model_type]
+  known = ', '.join(sorted(FAMILIES))
+  if model_type in PENDING:
+    raise UnsupportedError(f'{source}: model_type={model_type!r} is not supported yet (no '
+                           f'mapping table in models/hf/ for {PENDING[model_type]}); supported: '
+                           f'{known}')
+  raise UnsupportedError(f'{source}: model_type={model_type!r} is not supported (supported: '
+                         f'{known})')
+
+
+# ---------------------------------------------------------------------------------------------
+# Model configs: applying translated fields, comparing architectures.
+
+
+def get_field(node, dotted: str):
+  for key in dotted.split('.'):
+    node = node[key]
+  return node
+
+
+def set_field(node, dotted: str, value) -> None:
+  *parents, leaf = dotted.split('.')
+  for key in parents:
+    node = node[key]
+  node[leaf] = value
+
+
+def leaves(node, prefix: str = '') -> dict[str, Any]:
+  """{'a.b': value} for every leaf of a (Frozen)ConfigDict or dict."""
+  out = {}
+  for key in node.keys():
+    value = node[key]
+    name = f'{prefix}{key}'
+    if hasattr(value, 'keys'):
+      out.update(leaves(value, name + '.'))
+    else:
+      out[name] = value
+  return out
+
+
+def model_config(fields: dict, runtime_from=None):
+  """`configs.common.model_defaults()` with `fields` set; runtime fields from `runtime_from`."""
+  cfg = configs_common.model_defaults()
+  if runtime_from is not None:
+    for name in RUNTIME_FIELDS:
+      try:
+        set_field(cfg, name, get_field(runtime_from, name))
+      except KeyError:
+        pass
+  for name, value in fields.items():
+    try:
+      get_field(cfg, name)
+    except KeyError:
+      raise ValueError(f'model.{name} is not a field of configs/common.py:model_defaults') from None
+    set_field(cfg, name, value)
+  return cfg
+
+
+def architecture_diff(ours, theirs) -> list[tuple[str, Any, Any]]:
+  """(field, ours, theirs) for each model field that changes the function or the parameters.
+
+  Runtime fields are skipped, and `max_len` unless positions are learned (it only sizes the
+  learned table).
+  """
+  a, b = _canonical(leaves(ours)), _canonical(leaves(theirs))
+  skip = set(RUNTIME_FIELDS)
+  if a.get('position') != 'learned' and b.get('position') != 'learned':
+    skip.add('max_len')
+  diffs = []
+  for name in list(a) + [n for n in b if n not in a]:  # in the order of configs/common.py
+    if name in skip:
+      continue
+    x, y = a.get(name), b.get(name)
+    if isinstance(x, float) or isinstance(y, float):
+      same = x is not None and y is not None and float(x) == float(y)
+    else:
+      same = x == y
+    if not same:
+      diffs.append((name, x, y))
+  return diffs
+
+
+def _canonical(fields: dict) -> dict:
+  """Equivalent spellings made equal: head_dim 0 is d_model // num_heads, and in a model of
+  `A` and `F` sublayers use_bias=True is attention.qkv_bias = attention.o_bias = mlp_bias =
+  True (where the config has those switches).
+  """
+  if not fields.get('head_dim') and fields.get('num_heads'):
+    fields = dict(fields, head_dim=fields['d_model'] // fields['num_heads'])
+  switches = ('attention.qkv_bias', 'attention.o_bias', 'mlp_bias')
+  if fields.get('use_bias') and all(s in fields for s in switches) and set(
+      fields.get('pattern', '')) <= set('AF'):
+    fields = dict(fields, use_bias=False, **{s: True for s in switches})
+  return fields
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces of config translation.
+
+
+def bias_fields(hf: HfConfig, attention_key: str, mlp_key: str) -> dict:
+  """Biases on q/k/v/o (`attention_key`) and on the MLP (`mlp_key`) as model fields."""
+  attention, mlp = bool(hf.get(attention_key, False)), bool(hf.get(mlp_key, False))
+  if attention == mlp:
+    return {'use_bias': attention}
+  if 'qkv_bias' not in configs_common.model_defaults().attention:
+    hf.refuse(attention_key, f'differs from {mlp_key}={mlp}: archlab has one model.use_bias '
+              'for attention and MLP')
+  return {'use_bias': False, 'attention.qkv_bias': attention, 'attention.o_bias': attention,
+          'mlp_bias': mlp}
+
+
+def qkv_bias(cfg) -> bool:
+  return bool(cfg.use_bias or cfg.attention.get('qkv_bias', False))
+
+
+def o_bias(cfg) -> bool:
+  return bool(cfg.use_bias or cfg.attention.get('o_bias', False))
+
+
+def mlp_bias(cfg) -> bool:
+  return bool(cfg.use_bias or cfg.get('mlp_bias', False))
+
+
+# config.json rope_parameters keys of each rope_type archlab translates (those also in
+# REQUIRED_ROPE_KEYS must be present) and the model.rope_scaling field of each.
+ROPE_SCALING_KEYS = {
+    'linear': ('factor',),
+    'llama3': ('factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'),
+    'yarn': ('factor', 'original_max_position_embeddings', 'beta_fast', 'beta_slow', 'mscale',
+             'mscale_all_dim', 'attention_factor', 'truncate'),
+}
+REQUIRED_ROPE_KEYS = ('factor', 'low_freq_factor', 'high_freq_factor',
+                      'original_max_position_embeddings')
+_ROPE_FIELD = {'original_max_position_embeddings': 'original_max_len'}
+
+
+def rope_fields(hf: HfConfig) -> dict:
+  """RoPE theta and scaling from `rope_parameters` (transformers 5) or `rope_theta` /
+  `rope_scaling` (transformers 4), translated where archlab's config has the fields."""
+  if hf.get('rope_parameters') is not None:
+    key, params = 'rope_parameters', dict(hf.get('rope_parameters'))
+  else:
+    key, params = 'rope_scaling', dict(hf.get('rope_scaling', {}))
+    params.setdefault('rope_theta', hf.get('rope_theta', 10000.0))
+  kind = params.get('rope_type', params.get('type', 'default'))
+  fields = {'rope_theta': float(params['rope_theta'])}
+  defaults = configs_common.model_defaults()
+  fraction = params.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0))
+  if fraction != 1.0:
+    if 'rope_fraction' not in defaults:
+      hf.refuse(key, f'has partial_rotary_factor={fraction}; archlab RoPE rotates whole heads')
+    fields['rope_fraction'] = float(fraction)
+  if kind == 'default':
+    return fields
+  if 'rope_scaling' not in defaults or kind not in ROPE_SCALING_KEYS:
+    supported = ['default'] + (sorted(ROPE_SCALING_KEYS) if 'rope_scaling' in defaults else [])
+    hf.refuse(key, f'has rope_type={kind!r}; archlab supports {supported}')
+  ours = defaults.rope_scaling
+  fields['rope_scaling.kind'] = kind
+  for name, value in params.items():
+    if name in ('rope_type', 'type', 'rope_theta', 'partial_rotary_factor'):
+      continue
+    field = _ROPE_FIELD.get(name, name)
+    if field not in ours:
+      hf.refuse(key, f'has {name}={value!r}, which archlab\'s model.rope_scaling cannot express')
+    if value is not None:
+      fields[f'rope_scaling.{field}'] = type(ours[field])(value)
+  for name in ROPE_SCALING_KEYS[kind]:
+    if name in REQUIRED_ROPE_KEYS and name not in params:
+      hf.refuse(key, f'has rope_type={kind!r} without {name}')
+  return fields
+
+
+def rope_to_hf(cfg) -> dict:
+  """config.json RoPE fields in both spellings (transformers 4 and 5 read one each)."""
+  params = {'rope_type': 'default', 'rope_theta': float(cfg.rope_theta)}
+  scaling = cfg.get('rope_scaling')
+  if scaling is not None and scaling.kind != 'none':
+    params['rope_type'] = scaling.kind
+    for name in ROPE_SCALING_KEYS.get(scaling.kind, ()):
+      value = scaling[_ROPE_FIELD.get(name, name)]
+      if isinstance(value, bool) or value:  # 0 is archlab's 'unset' (mscale, attention_factor)
+        params[name] = value
+  if cfg.get('rope_fraction', 1.0) != 1.0:
+    params['partial_rotary_factor'] = float(cfg.rope_fraction)
+  legacy = {k: v for k, v in params.items() if k != 'rope_theta'}
+  return {'rope_theta': float(cfg.rope_theta),
+          'rope_scaling': None if legacy['rope_type'] == 'default' else legacy,
+          'rope_parameters': params}
+
+
+def units(cfg, unit: str) -> int:
+  """How many times `unit` repeats to make `model.pattern` (refused when it does not)."""
+  repeats = len(cfg.pattern) // len(unit)
+  if cfg.pattern != unit * repeats or not repeats:
+    raise UnsupportedError(f'model.pattern={cfg.pattern!r} is not {unit!r} * layers')
+  return repeats

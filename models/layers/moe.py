@@ -1,0 +1,354 @@
+"""Mixture-of-experts sublayer `E`: top-k routed experts, optional shared experts.
+
+Routing, in float32 (Switch, Mixtral, Qwen-MoE, DeepSeek V2/V3):
+
+  scores_TE  = softmax(x W_r) or sigmoid(x W_r)
+  choice_TE  = scores_TE + bias_E                  (aux-loss-free bias; selection only)
+               restricted to the best `topk_group` of `n_group` expert groups (DeepSeek)
+  experts_TX = top-k(choice_TE)
+  weights_TX = scores_TE[experts_TX], renormalised if `norm_topk_prob`, x routed_scaling_factor
+  y          = sum_x weights_TX expert_{experts_TX}(x) + gate * shared(x)
+
+Dispatch (`model.moe.dispatch`):
+  dropless  routed slots sorted by expert, every expert's rows in one `jax.lax.ragged_dot`
+            (XLA:CPU lowers ragged_dot to a dense product masked per group, so on a CPU it
+            costs E times the useful work; TPU and GPU have grouped-matmul kernels);
+  capacity  each expert takes at most ceil(capacity_factor * tokens * k / E) slots into an
+            E x Q buffer (first choices before second choices, then token order); overflow is
+            dropped (its output is zero) and counted in `moe/dropped_fraction`;
+  dense     the reference: every expert on every token, masked by the routing weights.
+
+Balancing: the Switch/GShard auxiliary loss `loss/moe_aux` (1 at perfect balance, summed
+over layers), the router z-loss `loss/moe_router_z` (ST-MoE) and DeepSeek V3's
+auxiliary-loss-free bias: a per-expert bias in the flax collection `moe_bias`, not a
+parameter, which a training step (the collection mutable) moves by
+`bias_update_rate * sign(mean load - load)`. Padding tokens (segment id 0) are not routed,
+counted or dropped.
+
+Letters beyond the key in models/__init__.py: here `T` counts all tokens of the call
+(batch x length, flattened), `X` the routed choices per token (top-k), `R` routed slots
+(X x T, choice-major), `Q` the capacity slots per expert, `U` expert groups and `J` experts
+per group (group-limited routing).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+import models
+from models.layers import common
+from models.layers import mlp
+
+ROUTERS = ('softmax', 'sigmoid')
+DISPATCHES = ('dropless', 'capacity', 'dense')
+BIAS_COLLECTION = 'moe_bias'
+
+
+def expert_dim(cfg) -> int:
+  return cfg.moe.expert_mlp_dim or cfg.mlp_dim
+
+
+def shared_dim(cfg) -> int:
+  """Width of the shared experts as one MLP (DeepSeek sums n shared experts of this width)."""
+  return cfg.moe.num_shared_experts * (cfg.moe.shared_expert_mlp_dim or expert_dim(cfg))
+
+
+def capacity(moe_cfg, num_tokens: int) -> int:
+  """Slots per expert in capacity dispatch: ceil(capacity_factor * tokens * k / E), <= tokens."""
+  c = math.ceil(moe_cfg.capacity_factor * num_tokens * moe_cfg.num_experts_per_tok
+                / moe_cfg.num_experts)
+  return max(1, min(c, num_tokens))
+
+
+def route(logits_TE, bias_E, moe_cfg):
+  """Top-k routing in float32: returns (weights_TX, experts_TX, scores_TE)."""
+  m = moe_cfg
+  logits_TE = logits_TE.astype(jnp.float32)
+  if m.router == 'softmax':
+    scores_TE = jax.nn.softmax(logits_TE, axis=-1)
+  else:
+    scores_TE = jax.nn.sigmoid(logits_TE)
+  choice_TE = scores_TE + bias_E.astype(jnp.float32)
+  if m.n_group > 1:
+    # DeepSeek V3: a group's score is the sum of its two best experts' choice scores.
+    t, e = choice_TE.shape
+    choice_TUJ = choice_TE.reshape(t, m.n_group, e // m.n_group)
+    best_TU = jax.lax.top_k(choice_TUJ, min(2, e // m.n_group))[0].sum(-1)
+    _, groups_TK = jax.lax.top_k(best_TU, m.topk_group)
+    keep_TU = jnp.any(jax.nn.one_hot(groups_TK, m.n_group, dtype=jnp.bool_), axis=-2)
+    choice_TE = jnp.where(keep_TU[:, :, None], choice_TUJ, -jnp.inf).reshape(t, e)
+  _, experts_TX = jax.lax.top_k(choice_TE, m.num_experts_per_tok)
+  weights_TX = jnp.take_along_axis(scores_TE, experts_TX, axis=-1)
+  if m.norm_topk_prob:
+    weights_TX = weights_TX / (jnp.sum(weights_TX, -1, keepdims=True) + 1e-20)
+  return weights_TX * m.routed_scaling_factor, experts_TX, scores_TE
+
+
+def expert_counts(experts_TX, valid_T, num_experts: int):
+  """Routed (valid) slots per expert, float32."""
+  one_hot_TXE = jax.nn.one_hot(experts_TX, num_experts, dtype=jnp.float32)
+  return jnp.einsum('TXE,T->E', one_hot_TXE, valid_T.astype(jnp.float32))
+
+
+def load_balancing_loss(scores_TE, experts_TX, valid_T):
+  """Switch/GShard: E * sum_e f_e * P_e over valid tokens; 1 when routing is uniform.
+
+  f_e is the fraction of routed slots sent to expert e, P_e the mean routing probability of
+  e (scores normalised to sum to one, which only matters for the sigmoid router). Hugging
+  Face's `load_balancing_loss_func` equals k times this.
+  """
+  e, k = scores_TE.shape[-1], experts_TX.shape[-1]
+  valid_T = valid_T.astype(jnp.float32)
+  tokens = jnp.maximum(jnp.sum(valid_T), 1.0)
+  f_E = expert_counts(experts_TX, valid_T, e) / (tokens * k)
+  probs_TE = scores_TE / jnp.sum(scores_TE, -1, keepdims=True)
+  p_E = jnp.einsum('TE,T->E', probs_TE, valid_T) / tokens
+  return e * jnp.sum(f_E * p_E)
+
+
+def router_z_loss(logits_TE, valid_T):
+  """ST-MoE: mean over valid tokens of logsumexp(router logits)^2, float32."""
+  valid_T = valid_T.astype(jnp.float32)
+  lse_T = jax.nn.logsumexp(logits_TE.astype(jnp.float32), axis=-1)
+  return jnp.sum(jnp.square(lse_T) * valid_T) / jnp.maximum(jnp.sum(valid_T), 1.0)
+
+
+def sort_slots(expert_R, valid_R, num_experts: int):
+  """Stable sort of routed slots by expert, invalid slots last.
+
+  Returns `order_R` (sorted position -> slot), `group_sizes_E` (valid slots per expert, int32)
+  and `rank_R` (each slot's index within its expert's group, in slot order).
+  """
+  r = expert_R.shape[0]
+  key_R = jnp.where(valid_R, expert_R, num_experts).astype(jnp.int32)
+  order_R = jnp.argsort(key_R, stable=True)
+  sizes = jnp.bincount(key_R, length=num_experts + 1).astype(jnp.int32)
+  starts = jnp.cumsum(sizes) - sizes
+  rank_sorted_R = jnp.arange(r, dtype=jnp.int32) - starts[key_R[order_R]]
+  rank_R = jnp.zeros_like(rank_sorted_R).at[order_R].set(rank_sorted_R)
+  return order_R, sizes[:num_experts], rank_R
+
+
+def expert_ffn(x, w, act, gated: bool, matmul, bias):
+  """One expert MLP per row group: `matmul(x, w_E..)` applies each row's expert weights and
+  `bias(b_E.)` broadcasts each row's expert bias (None when there are no biases)."""
+  def dense(name, inputs):
+    y = matmul(inputs, w[name])
+    if name + '_bias' in w:
+      y = y + bias(w[name + '_bias'])
+    return y
+
+  h = dense('wi', x)
+  h = act(h) * dense('wu', x) if gated else act(h)
+  return dense('wo', h)
+
+
+def dispatch_dropless(x_TD, weights_TX, experts_TX, valid_T, w, act, gated):
+  """Sorts the slots by expert and runs each expert's rows through `jax.lax.ragged_dot`."""
+  t, k = experts_TX.shape
+  e = w['wi'].shape[0]
+  expert_R = experts_TX.T.reshape(-1)
+  valid_R = jnp.tile(valid_T, k)
+  order_R, group_sizes_E, _ = sort_slots(expert_R, valid_R, e)
+  token_R = order_R % t                       # slot r = choice * t + token
+  sorted_expert_R = jnp.minimum(expert_R[order_R], e - 1)
+  x_RD = x_TD[token_R]
+  out_RD = expert_ffn(x_RD, w, act, gated,
+                      lambda x, w_E: jax.lax.ragged_dot(x, w_E, group_sizes_E),
+                      lambda b_E: b_E[sorted_expert_R])
+  # Slots past the groups (padding) come out of ragged_dot as zeros; mask them anyway.
+  out_RD = jnp.where(valid_R[order_R][:, None], out_RD, 0.0)
+  inverse_R = jnp.zeros_like(order_R).at[order_R].set(jnp.arange(order_R.shape[0]))
+  out_XTD = out_RD[inverse_R].reshape(k, t, -1)
+  y_TD = jnp.einsum('XTD,TX->TD', out_XTD, weights_TX.astype(out_XTD.dtype))
+  return y_TD, jnp.zeros((), jnp.float32)
+
+
+def dispatch_capacity(x_TD, weights_TX, experts_TX, valid_T, w, act, gated, slots: int):
+  """Each expert takes its first `slots` routed slots into an E x Q buffer; the rest drop.
+
+  Returns (y_TD, dropped) with `dropped` the number of valid slots that found no room.
+  """
+  t, k = experts_TX.shape
+  e, d = w['wi'].shape[0], x_TD.shape[-1]
+  expert_R = experts_TX.T.reshape(-1)         # choice-major: first choices have priority
+  valid_R = jnp.tile(valid_T, k)
+  _, _, rank_R = sort_slots(expert_R, valid_R, e)
+  keep_R = valid_R & (rank_R < slots)
+  dest_R = jnp.where(keep_R, expert_R * slots + rank_R, e * slots)  # out of range: dropped
+  token_R = jnp.arange(k * t) % t
+  x_QD = jnp.zeros((e * slots, d), x_TD.dtype).at[dest_R].set(x_TD[token_R], mode='drop')
+  x_EQD = common.constrain(x_QD.reshape(e, slots, d), ('experts', None, None))
+  out_EQD = expert_ffn(x_EQD, w, act, gated, jnp.matmul, lambda b_E: b_E[:, None])
+  out_EQD = common.constrain(out_EQD, ('experts', None, None))
+  out_RD = out_EQD.reshape(e * slots, d).at[dest_R].get(mode='fill', fill_value=0)
+  out_XTD = out_RD.reshape(k, t, d)
+  y_TD = jnp.einsum('XTD,TX->TD', out_XTD, weights_TX.astype(out_XTD.dtype))
+  dropped = jnp.sum((valid_R & ~keep_R).astype(jnp.float32))
+  return y_TD, dropped
+
+
+def dispatch_dense(x_TD, weights_TX, experts_TX, valid_T, w, act, gated):
+  """Reference: every expert on every token, combined with the routing weights (zero for
+  experts a token did not choose)."""
+  t, e = x_TD.shape[0], w['wi'].shape[0]
+  combine_TE = jnp.zeros((t, e), jnp.float32).at[jnp.arange(t)[:, None], experts_TX].add(
+      weights_TX.astype(jnp.float32))
+  combine_TE = combine_TE * valid_T[:, None]
+  x_ETD = jnp.broadcast_to(x_TD, (e,) + x_TD.shape)
+  out_ETD = expert_ffn(x_ETD, w, act, gated, jnp.matmul, lambda b_E: b_E[:, None])
+  y_TD = jnp.einsum('ETD,TE->TD', out_ETD, combine_TE.astype(out_ETD.dtype))
+  return y_TD, jnp.zeros((), jnp.float32)
+
+
+@models.register_sublayer('E')
+class Moe(nn.Module):
+  """Routed experts (top-k of `model.moe.num_experts`) plus optional shared experts."""
+  cfg: object  # FrozenConfigDict of config.model
+
+  @classmethod
+  def validate(cls, cfg):
+    mlp.Mlp.validate(cfg)
+    m = cfg.moe
+    if m.num_experts < 1:
+      raise ValueError(f'model.moe.num_experts={m.num_experts} must be positive')
+    if m.num_experts_per_tok < 1:
+      raise ValueError(f'model.moe.num_experts_per_tok={m.num_experts_per_tok} must be positive')
+    if m.num_experts_per_tok > m.num_experts:
+      raise ValueError(f'model.moe.num_experts_per_tok={m.num_experts_per_tok} exceeds '
+                       f'model.moe.num_experts={m.num_experts}')
+    for field in ('expert_mlp_dim', 'num_shared_experts', 'shared_expert_mlp_dim',
+                  'aux_loss_weight', 'router_z_loss_weight', 'bias_update_rate'):
+      if m[field] < 0:
+        raise ValueError(f'model.moe.{field}={m[field]} must be >= 0')
+    if m.router not in ROUTERS:
+      raise ValueError(f'model.moe.router={m.router!r} is not one of {ROUTERS}')
+    if m.dispatch not in DISPATCHES:
+      raise ValueError(f'model.moe.dispatch={m.dispatch!r} is not one of {DISPATCHES}')
+    if m.capacity_factor <= 0:
+      raise ValueError(f'model.moe.capacity_factor={m.capacity_factor} must be positive')
+    if m.routed_scaling_factor <= 0:
+      raise ValueError(f'model.moe.routed_scaling_factor={m.routed_scaling_factor} must be positive')
+    if m.shared_expert_gate and not m.num_shared_experts:
+      raise ValueError('model.moe.shared_expert_gate=True needs model.moe.num_shared_experts > 0')
+    if m.n_group < 1 or m.num_experts % m.n_group:
+      raise ValueError(f'model.moe.n_group={m.n_group} must be a positive divisor of '
+                       f'model.moe.num_experts={m.num_experts}')
+    if not 1 <= m.topk_group <= m.n_group:
+      raise ValueError(f'model.moe.topk_group={m.topk_group} must be in [1, '
+                       f'model.moe.n_group={m.n_group}]')
+    if m.topk_group * (m.num_experts // m.n_group) < m.num_experts_per_tok:
+      raise ValueError(f'model.moe.topk_group={m.topk_group} groups of '
+                       f'{m.num_experts // m.n_group} experts hold fewer than '
+                       f'model.moe.num_experts_per_tok={m.num_experts_per_tok}')
+
+  @classmethod
+  def flops_per_token(cls, cfg, seq_len: int) -> float:
+    """Router, the k routed experts and the shared experts (not all E experts)."""
+    del seq_len
+    m, d = cfg.moe, cfg.d_model
+    matrices = 3 if cfg.mlp_activation in mlp.GATED else 2
+    total = 2 * d * m.num_experts
+    total += m.num_experts_per_tok * 2 * matrices * d * expert_dim(cfg)
+    total += 2 * matrices * d * shared_dim(cfg)
+    if m.num_shared_experts and m.shared_expert_gate:
+      total += 2 * d
+    return float(total)
+
+  @classmethod
+  def init_cache(cls, cfg, batch: int, max_len: int):
+    del cfg, batch, max_len
+    return {}
+
+  @nn.compact
+  def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None, cache=None):
+    del positions_BT
+    cfg, m = self.cfg, self.cfg.moe
+    b, t, d = x_BTD.shape
+    e, f = m.num_experts, expert_dim(cfg)
+    assert d == cfg.d_model, f'model.d_model={cfg.d_model} but input width {d}'
+    dtype, pdtype = common.dtype_of(cfg.dtype), common.dtype_of(cfg.param_dtype)
+    std, out_std = cfg.init_std, cfg.init_std / len(cfg.pattern) ** 0.5
+    gated = cfg.mlp_activation in mlp.GATED
+    has_bias = cfg.use_bias or cfg.mlp_bias  # as the dense MLP (GPT-OSS: router and experts)
+    act = mlp.ACTIVATIONS[mlp.GATED.get(cfg.mlp_activation, cfg.mlp_activation)]
+
+    x_TD = common.constrain(x_BTD.reshape(b * t, d), ('batch', 'embed'))
+    if segment_ids_BT is None:
+      valid_T = jnp.ones((b * t,), jnp.bool_)
+    else:
+      valid_T = segment_ids_BT.reshape(b * t) != 0
+
+    # The router runs in float32, weights included.
+    router_DE = self.param('router', common.normal_init(std, ('embed', None)), (d, e), pdtype)
+    logits_TE = common.project(x_TD.astype(jnp.float32), router_DE.astype(jnp.float32))
+    if has_bias:
+      logits_TE += self.param('router_bias', common.zeros_init((None,)), (e,), pdtype).astype(jnp.float32)
+    logits_TE = common.constrain(logits_TE, ('batch', None))
+    if m.bias_update_rate:
+      bias = self.variable(BIAS_COLLECTION, 'bias',
+                           nn.with_logical_partitioning(jnp.zeros, ('experts',)), (e,), jnp.float32)
+      bias_E = jax.lax.stop_gradient(bias.value)
+    else:
+      bias, bias_E = None, jnp.zeros((e,), jnp.float32)
+    weights_TX, experts_TX, scores_TE = route(logits_TE, bias_E, m)
+
+    w = {}
+    shapes = {'wi': ((e, d, f), ('experts', 'embed', 'mlp'), std),
+              'wu': ((e, d, f), ('experts', 'embed', 'mlp'), std),
+              'wo': ((e, f, d), ('experts', 'mlp', 'embed'), out_std)}
+    for name in ('wi', 'wu', 'wo') if gated else ('wi', 'wo'):
+      shape, axes, s = shapes[name]
+      w[name] = self.param(name, common.normal_init(s, axes), shape, pdtype).astype(dtype)
+      if has_bias:
+        w[name + '_bias'] = self.param(name + '_bias', common.zeros_init((axes[0], axes[2])),
+                                       (shape[0], shape[2]), pdtype).astype(dtype)
+    x_TD = x_TD.astype(dtype)
+    if m.dispatch == 'dropless':
+      y_TD, dropped = dispatch_dropless(x_TD, weights_TX, experts_TX, valid_T, w, act, gated)
+    elif m.dispatch == 'capacity':
+      y_TD, dropped = dispatch_capacity(x_TD, weights_TX, experts_TX, valid_T, w, act, gated,
+                                        capacity(m, b * t))
+    else:
+      y_TD, dropped = dispatch_dense(x_TD, weights_TX, experts_TX, valid_T, w, act, gated)
+    y_BTD = y_TD.reshape(b, t, d).astype(dtype)
+
+    if m.num_shared_experts:
+      shared_cfg = cfg.as_configdict()
+      shared_cfg.mlp_dim = shared_dim(cfg)
+      shared_BTD, _ = mlp.Mlp(ml_collections.FrozenConfigDict(shared_cfg), name='shared')(x_BTD)
+      if m.shared_expert_gate:
+        gate_D1 = self.param('shared_gate', common.normal_init(std, ('embed', None)), (d, 1), pdtype)
+        shared_BTD = shared_BTD * jax.nn.sigmoid(common.project(x_BTD, gate_D1.astype(dtype)))
+      y_BTD = y_BTD + shared_BTD.astype(dtype)
+    y_BTD = common.constrain(y_BTD, ('batch', 'length', 'embed'))
+
+    valid = jnp.maximum(jnp.sum(valid_T.astype(jnp.float32)), 1.0)
+    counts_E = expert_counts(experts_TX, valid_T, e)
+    load_E = counts_E / (valid * m.num_experts_per_tok)
+    aux = {
+        'moe/load_E': load_E,                                 # fraction of routed slots
+        'moe/max_load': jnp.max(load_E) * e,                  # 1: perfectly balanced
+        'moe/min_load': jnp.min(load_E) * e,
+        'moe/dropped_fraction': dropped / (valid * m.num_experts_per_tok),
+    }
+    if m.aux_loss_weight:
+      aux['loss/moe_aux'] = m.aux_loss_weight * load_balancing_loss(scores_TE, experts_TX, valid_T)
+    if m.router_z_loss_weight:
+      aux['loss/moe_router_z'] = m.router_z_loss_weight * router_z_loss(logits_TE, valid_T)
+    if bias is not None and self.is_mutable_collection(BIAS_COLLECTION) and not self.is_initializing():
+      bias.value = update_bias(bias_E, counts_E, m.bias_update_rate)
+    if cache is not None:
+      aux['cache'] = {}
+    return y_BTD, aux
+
+
+def update_bias(bias_E, counts_E, rate: float):
+  """DeepSeek V3's auxiliary-loss-free balancing: raise underloaded experts' bias, lower
+  overloaded ones', by `rate` each step."""
+  return bias_E + rate * jnp.sign(jnp.mean(counts_E) - counts_E)
