@@ -177,8 +177,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 def apply_runlocal(config: ml_collections.ConfigDict) -> None:
   """Shrinks any config to a run of well under a minute on a 2-core CPU."""
-  unit, _ = lm.split_pattern(config.model.pattern)
-  config.model.pattern = unit * 2
+  unit, repeats = lm.split_pattern(config.model.pattern)
+  config.model.pattern = unit * min(repeats, 2)
   config.model.d_model = min(config.model.d_model, 64)
   config.model.head_dim = 0
   heads, kv = config.model.num_heads, config.model.num_kv_heads

@@ -113,7 +113,74 @@ def llama_small(config):
   config.optim.lr = 2e-3
 
 
-PRESETS = {f.__name__: f for f in (gpt2_tiny, gpt2_small, llama_tiny, llama_small)}
+def qwen3_tiny(config):
+  """Qwen3 layout, tiny: llama_tiny plus per-head QK-norm and RoPE theta 1e6.
+
+  0.85M parameters (0.82M without the token table) with the byte vocabulary.
+  """
+  llama_tiny(config)
+  config.model.attention.qk_norm = 'head'
+  config.model.rope_theta = 1e6
+  config.model.norm_eps = 1e-6
+
+
+def olmo3_tiny(config):
+  """OLMo 3 layout, tiny: post-norm residuals (x + norm(op(x))), QK-norm over the whole q/k
+  width, 3:1 sliding-window (window 64) to global attention.
+
+  0.92M parameters (0.89M without the token table) with the byte vocabulary.
+  """
+  llama_tiny(config)
+  m = config.model
+  m.pattern = 'WFWFWFAF'
+  m.num_kv_heads = 4
+  m.norm_placement = 'post'
+  m.attention.qk_norm = 'full'
+  m.attention.window = 64
+  m.rope_theta = 5e5
+  m.norm_eps = 1e-6
+
+
+def gpt_oss_tiny(config):
+  """GPT-OSS layout, tiny: alternating sliding-window (64) and global attention, learned
+  sinks, q/k/v and output biases, MoE (8 experts, top-2, softmax over the top k) in every
+  layer.
+
+  2.6M parameters (2.6M without the token table; 0.9M active per token) with the byte
+  vocabulary.
+  """
+  llama_tiny(config)
+  m = config.model
+  m.pattern = 'WEAE' * 2
+  m.attention.sinks = True
+  m.attention.window = 64
+  m.attention.qkv_bias = m.attention.o_bias = True
+  m.moe.num_experts, m.moe.num_experts_per_tok, m.moe.expert_mlp_dim = 8, 2, 192
+  m.moe.dispatch = 'capacity'  # ragged_dot is slow on XLA:CPU (README)
+  m.rope_theta = 1.5e5
+
+
+def deepseek_v3_tiny(config):
+  """DeepSeek V3 layout, tiny: MLA (q rank 64, kv rank 32, RoPE head dim 16, interleaved),
+  one dense MLP layer then MoE layers with a shared expert, sigmoid router, group-limited
+  routing (4 groups, top 2) and the aux-loss-free bias.
+
+  1.4M parameters (1.39M without the token table) with the byte vocabulary.
+  """
+  llama_tiny(config)
+  m = config.model
+  m.pattern = 'AF' + 'AE' * 3
+  m.attention.kind = 'mla'
+  m.attention.mla.update(dict(q_rank=64, kv_rank=32, nope_head_dim=32, rope_head_dim=16,
+                              v_head_dim=32))
+  m.rope_interleaved = True
+  m.moe.update(dict(num_experts=8, num_experts_per_tok=2, expert_mlp_dim=96, router='sigmoid',
+                    num_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                    aux_loss_weight=0.0, bias_update_rate=1e-3, dispatch='capacity'))
+
+
+PRESETS = {f.__name__: f for f in (gpt2_tiny, gpt2_small, llama_tiny, llama_small, qwen3_tiny,
+                                   olmo3_tiny, gpt_oss_tiny, deepseek_v3_tiny)}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -4,6 +4,7 @@ import pytest
 
 from configs import common
 from configs import transformer
+from models import lm
 
 
 def test_parse_arg_types_and_flags():
@@ -41,6 +42,7 @@ def test_presets_have_the_stated_shapes():
 @pytest.mark.parametrize('preset', sorted(transformer.PRESETS))
 def test_runlocal_shrinks_every_preset(preset):
   config = transformer.get_config(f'preset={preset},runlocal')
-  assert len(config.model.pattern) <= 4 and config.model.d_model <= 64
+  unit, _ = lm.split_pattern(transformer.get_config(f'preset={preset}').model.pattern)
+  assert len(config.model.pattern) <= 2 * len(unit) and config.model.d_model <= 64
   assert config.train.steps <= 50 and config.data.seq_len <= 64
   assert config.model.num_heads % config.model.num_kv_heads == 0
