@@ -25,7 +25,6 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 from absl import app  # noqa: E402
@@ -35,6 +34,7 @@ matplotlib.use('Agg')
 from matplotlib import pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+import experiments  # noqa: E402
 from experiments import scaling  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +48,9 @@ SPAN_FACTOR = 100.0
 SPAN_EXPONENT = 1.0
 MIN_POINTS_PER_PARAMETER = 3  # fewer runs than this per fitted parameter get a warning too
 
-_DIR = flags.DEFINE_string('dir', None, 'Sweep directory (holds sweep.json and runs/).')
+# experiments.sweep defines the same --dir; a process importing both (tests) shares it.
+_DIR = (flags.FLAGS['dir'] if 'dir' in flags.FLAGS else
+        flags.DEFINE_string('dir', None, 'Sweep directory (holds sweep.json and runs/).'))
 _LOSS = flags.DEFINE_enum('loss', 'bits_per_byte', list(LOSSES), 'Which evaluation loss to fit.')
 _N_BOOTSTRAP = flags.DEFINE_integer('n_bootstrap', 1000, 'Bootstrap resamples per interval.')
 _LOSS_LEVELS = flags.DEFINE_list('loss_levels', [], 'Loss levels of the compute multipliers '
@@ -251,7 +253,7 @@ def write_report(sweep_dir: str, loss: str = 'bits_per_byte', n_bootstrap: int =
       'sweep_dir': sweep.path, 'sweep': sweep.config, 'baseline': baseline_of(sweep),
       'loss': loss, 'loss_field': LOSSES[loss][0], 'n_bootstrap': n_bootstrap,
       'sweep_command': sweep.command, 'sweep_code_version': sweep.code_version,
-      'report_command': command, 'report_code_version': _git_version(),
+      'report_command': command, 'report_code_version': experiments.code_version(),
       'runs': {s: sum(r['state'] == s for r in sweep.runs)
                for s in ('finished', 'failed', 'pending')},
       'excluded_runs': [{'name': n, 'reason': r} for n, r in sweep.excluded],
@@ -593,17 +595,6 @@ def _save(fig, directory: str, name: str) -> None:
   fig.savefig(path + '.tmp', format='png', dpi=110, bbox_inches='tight')
   plt.close(fig)
   os.replace(path + '.tmp', path)
-
-
-def _git_version() -> str:
-  try:
-    head = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=ROOT,
-                          check=True).stdout.strip()
-    dirty = subprocess.run(['git', 'status', '--porcelain'], capture_output=True, text=True,
-                           cwd=ROOT).stdout.strip()
-    return head + ('+uncommitted' if dirty else '')
-  except (OSError, subprocess.CalledProcessError):
-    return 'unknown'
 
 
 def main(argv):

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import tqdm
 
+import experiments
 import models
 from configs.sweeps import arch_compare
 from trainer import flops as flops_lib
@@ -39,7 +40,9 @@ _START_UP_SECONDS = 10  # process start, data cache, compilation: measured 8-12 
 
 _SWEEP = config_flags.DEFINE_config_file('sweep', None, 'Sweep file with arguments, e.g. '
                                          'configs/sweeps/arch_compare.py:preset=quick')
-_DIR = flags.DEFINE_string('dir', None, 'Sweep directory: one workdir per run and sweep.json.')
+# experiments.report defines the same --dir; a process importing both (tests) shares it.
+_DIR = (flags.FLAGS['dir'] if 'dir' in flags.FLAGS else
+        flags.DEFINE_string('dir', None, 'Sweep directory: one workdir per run and sweep.json.'))
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'Runs at once.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'List the runs with N, D, C and an estimated time.')
 _PRINT = flags.DEFINE_bool('print_commands', False, 'Print one command per run and exit.')
@@ -154,7 +157,7 @@ def write_state(sweep_dir: str, sweep, runs: list[Run], status: dict) -> None:
   """`sweep.json`, written atomically: the sweep config, code version, runs and their status."""
   state = {
       'sweep': sweep.to_dict(),
-      'code_version': _git_version(),
+      'code_version': experiments.code_version(),
       'command': ' '.join(sys.argv),
       'runs': [{**r.to_dict(), **status.get(r.name, {'status': 'pending'})} for r in runs],
   }
@@ -231,17 +234,6 @@ def _set(config, field: str, value) -> None:
   for p in parents:
     node = node[p]
   node[leaf] = value
-
-
-def _git_version() -> str:
-  try:
-    out = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, cwd=ROOT,
-                         check=True).stdout.strip()
-    dirty = subprocess.run(['git', 'status', '--porcelain'], capture_output=True, text=True,
-                           cwd=ROOT).stdout.strip()
-    return out + ('+uncommitted' if dirty else '')
-  except (OSError, subprocess.CalledProcessError):
-    return 'unknown'
 
 
 if __name__ == '__main__':
