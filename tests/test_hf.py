@@ -108,11 +108,6 @@ def hf_models(tmp_path_factory):
 
 @pytest.mark.parametrize('variant', sorted(VARIANTS))
 def test_import_and_export_match_transformers(variant, hf_models, tokens, tmp_path):
-  defaults = configs_common.model_defaults()
-  if variant == 'qwen3' and 'qk_norm' not in defaults.attention:
-    pytest.skip('qwen3 needs model.attention.qk_norm')
-  if 'rope_' in variant and 'rope_scaling' not in defaults:
-    pytest.skip('RoPE scaling needs model.rope_scaling')
   path, hf_model = hf_models[variant]
   expected_BTV = hf_logits(hf_model, tokens)
   scanned = {}
