@@ -37,6 +37,20 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return parsed
 
 
+def get_field(node, dotted: str):
+  """`node['a']['b']` for `dotted='a.b'` (ConfigDicts and dicts)."""
+  for key in dotted.split('.'):
+    node = node[key]
+  return node
+
+
+def set_field(node, dotted: str, value) -> None:
+  """Sets `node['a']['b'] = value` for `dotted='a.b'`."""
+  *parents, leaf = dotted.split('.')
+  node = get_field(node, '.'.join(parents)) if parents else node
+  node[leaf] = value
+
+
 def model_defaults() -> ml_collections.ConfigDict:
   """The decoder's fields; families change what differs."""
   return ml_collections.ConfigDict(dict(

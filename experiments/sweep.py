@@ -32,6 +32,7 @@ import tqdm
 
 import experiments
 import models
+from configs import common
 from configs.sweeps import arch_compare
 from trainer import flops as flops_lib
 
@@ -72,7 +73,7 @@ def model_size(architecture: str, overrides: dict, seq_len: int) -> tuple[int, i
   arch = arch_compare.ARCHITECTURES[architecture]
   config = _load_config(arch['config'], arch['arg'])
   for field, value in overrides.items():
-    _set(config, field, value)
+    common.set_field(config, field, value)
   config.model.max_len = seq_len
   config.model.vocab_size = config.model.vocab_size or 260  # the byte tokenizer's
   model = models.build(config.model)
@@ -226,14 +227,6 @@ def _load_config(path: str, arg: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
-
-
-def _set(config, field: str, value) -> None:
-  *parents, leaf = field.split('.')
-  node = config
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
 
 
 if __name__ == '__main__':

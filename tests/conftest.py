@@ -12,6 +12,7 @@ jax.config.update("jax_disable_most_optimizations", True)
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
+from configs import common  # noqa: E402
 from configs import transformer  # noqa: E402
 
 
@@ -26,11 +27,7 @@ def tiny_model_config(preset='llama_tiny', **overrides):
   config = transformer.get_config(f'preset={preset},runlocal').model
   config.vocab_size = 260
   for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    common.set_field(config, key, value)
   return config
 
 

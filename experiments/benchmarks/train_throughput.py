@@ -16,6 +16,7 @@ from absl import flags
 import flax.linen as nn
 import jax
 
+from configs import common
 from configs import transformer
 from trainer import flops
 from trainer import loop
@@ -59,11 +60,8 @@ def main(argv):
     config.data.seq_len = _SEQ.value
   for item in _OVERRIDES.value:
     field, _, value = item.partition('=')
-    *parents, leaf = field.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == 'True'
+    old = common.get_field(config, field)
+    common.set_field(config, field, value == 'True' if isinstance(old, bool) else type(old)(value))
   result = measure(config)
   print(f'{_PRESET.value} batch {_BATCH.value} x {config.data.seq_len} on '
         f'{jax.device_count()} {jax.devices()[0].platform} device(s): '

@@ -164,17 +164,8 @@ def get(model_type, source: str) -> Family:
 # Model configs: applying translated fields, comparing architectures.
 
 
-def get_field(node, dotted: str):
-  for key in dotted.split('.'):
-    node = node[key]
-  return node
-
-
-def set_field(node, dotted: str, value) -> None:
-  *parents, leaf = dotted.split('.')
-  for key in parents:
-    node = node[key]
-  node[leaf] = value
+get_field = configs_common.get_field
+set_field = configs_common.set_field
 
 
 def leaves(node, prefix: str = '') -> dict[str, Any]:
