@@ -24,13 +24,14 @@ def test_quick_plan_has_the_stated_grid_centred_on_the_optimum(tmp_path):
     assert r.tokens == pytest.approx(r.budget / r.train_flops_per_token)
     assert f'--config.train.flops={r.budget}' in r.command
     assert f'--workdir={tmp_path}/runs/{r.name}' in r.command
-  # cpu_small: 5 sizes per budget around sqrt(C / 120) parameters, strictly inside the ladder.
+  # cpu_small: 5 sizes per budget around sqrt(C / (6 x 80)) parameters, strictly inside.
   sweep = arch_compare.get_config('preset=cpu_small')
   for budget in sweep.budgets:
     sizes = sorted(r.params for r in sweep_lib.plan(sweep, str(tmp_path))
                    if r.budget == budget and r.architecture == 'llama')
     assert len(sizes) == 5
-    assert sizes[0] < math.sqrt(budget / 120) < sizes[-1]
+    assert sweep.tokens_per_param == 80.0
+    assert sizes[0] < math.sqrt(budget / (6 * 80)) < sizes[-1]
 
 
 def test_ladder_rule():
