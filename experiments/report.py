@@ -401,19 +401,23 @@ def markdown(sweep: Sweep, fits: dict[str, ArchitectureFits], mults: dict, level
   out += [f'![residuals of the parametric fit]({images["residuals"]})', '']
 
   out += ['## Frontier: best loss against compute', '',
-          'The best loss at each budget, and L(C) = E + k C^-gamma fitted to it (3 parameters: '
-          'with exactly 3 budgets it passes through them and has no interval).', '']
+          'The best loss at each budget, and L(C) = E + k C^-gamma fitted to it. Intervals: from '
+          '4 budgets on, by resampling the law\'s residuals (`law residuals`); with exactly 3 the '
+          'law passes through the points, and the intervals instead move each budget\'s best '
+          'loss by the scatter of its runs about their isoFLOP parabola (`isoflop scatter`): '
+          'run-to-run noise, not the law\'s form.', '']
   rows = []
   for arch, f in fits.items():
     front = f.frontier
     reached = ', '.join(f'{l:.4g}' for l in front.best_loss)
     if isinstance(front.law, scaling.Unfittable):
-      rows.append(_unfit_row([arch, str(len(front.budgets)), reached], front.law, 7))
+      rows.append(_unfit_row([arch, str(len(front.budgets)), reached], front.law, 8))
     else:
       law = front.law
       rows.append([arch, str(len(front.budgets)), reached, _est(law.E), _est(law.k, '.3g'),
-                   _est(law.gamma, '.3f'), str(law.n_bootstrap)])
-  out += _table(['architecture', 'budgets', 'best losses', 'E', 'k', 'gamma', 'resamples'], rows)
+                   _est(law.gamma, '.3f'), str(law.n_bootstrap), law.interval_from])
+  out += _table(['architecture', 'budgets', 'best losses', 'E', 'k', 'gamma', 'resamples',
+                 'interval from'], rows)
   out += [f'![frontiers]({images["frontiers"]})', '']
 
   out += [f'## Compute multipliers against `{baseline_of(sweep)}`', '',

@@ -387,11 +387,18 @@ GAMMA_MAX = 5.0  # upper bound on the frontier exponent
 
 @dataclasses.dataclass(frozen=True)
 class FrontierLaw(_Result):
-  """L(C) = E + k C^-gamma, least squares on log loss; intervals by residual bootstrap."""
+  """L(C) = E + k C^-gamma, least squares on log loss, with bootstrap intervals.
+
+  `interval_from` says what the resamples perturb: 'law residuals' (4 budgets or more: the
+  law's own residuals), 'isoflop scatter' (3 budgets, where the law passes through the points:
+  each budget's best loss moved by the scatter of its runs about their parabola in log N), or
+  why there is no interval ('none: ...', with n_bootstrap 0).
+  """
   E: Estimate
   k: Estimate
   gamma: Estimate
-  n_bootstrap: int  # 0 when there are no spare degrees of freedom (3 budgets)
+  n_bootstrap: int
+  interval_from: str
   params: np.ndarray = dataclasses.field(repr=False, compare=False, metadata={'json': False})
   samples: np.ndarray = dataclasses.field(repr=False, compare=False, metadata={'json': False})
 
@@ -435,13 +442,34 @@ def _fit_frontier_law(c: np.ndarray, log_L: np.ndarray, starts: Sequence[np.ndar
   return min(fits, key=lambda fit: fit.cost).x
 
 
+def _isoflop_scatter(C: float, N: np.ndarray, loss: np.ndarray) -> float | str:
+  """The scatter of one budget's log losses about their parabola in log N, or why there is none.
+
+  Root mean square residual, inflated by sqrt(m / (m - 3)) for the parabola's 3 parameters.
+  """
+  sizes = np.unique(N).size
+  if N.size < 4 or sizes < 3:
+    return (f'C={C:.3g} has {N.size} run(s) of {sizes} size(s) (a scatter about the isoFLOP '
+            f'parabola needs 4 runs of 3 sizes)')
+  x = np.log(N)
+  u = (x - x.mean()) / max(np.ptp(x), 1e-12)
+  coeffs = np.polyfit(u, np.log(loss), 2)
+  residuals = np.log(loss) - np.polyval(coeffs, u)
+  return float(np.sqrt(np.mean(residuals**2) * N.size / (N.size - 3)))
+
+
 def frontier(runs: Sequence[Run], n_bootstrap: int = 1000, seed: int = 0,
              rtol: float = 0.01) -> Frontier:
   """The lower envelope of one architecture's runs: the best loss per budget, and L(C) fitted.
 
   Group runs by architecture first. Runs whose C agree within `rtol` share a budget. The law
-  needs 3 budgets; its intervals (from 4 budgets on) resample the fit's residuals in log loss,
-  inflated by sqrt(n / (n - 3)), around the fitted curve and refit from the best fit.
+  needs 3 budgets. From 4 budgets on, its intervals resample the fit's residuals in log loss,
+  inflated by sqrt(n / (n - 3)), around the fitted curve and refit from the best fit. With
+  exactly 3 the law passes through the points and has no residuals: the intervals then move
+  each budget's best log loss by Gaussian noise of the scatter of that budget's runs about
+  their parabola in log N (root mean square residual, inflated by sqrt(m / (m - 3)) for m runs;
+  each budget needs 4 runs of at least 3 sizes), i.e. they measure how run-to-run noise moves
+  the law, not whether the law's form is right.
   """
   groups = _budgets(runs, rtol)
   budgets = [C for C, _, _ in groups]
@@ -458,19 +486,33 @@ def frontier(runs: Sequence[Run], n_bootstrap: int = 1000, seed: int = 0,
   best = _fit_frontier_law(c, log_L, starts, floor)
   samples = np.empty((0, 3))
   n = len(budgets)
-  if n > 3 and n_bootstrap:
-    rng = np.random.default_rng(seed)
+  rng = np.random.default_rng(seed)
+  if not n_bootstrap:
+    interval_from = 'none: no resamples asked for'
+  elif n > 3:
+    interval_from = 'law residuals'
     fitted = _frontier_log_loss(best, c)
     residuals = (log_L - fitted) * math.sqrt(n / (n - 3))
     samples = np.array([_fit_frontier_law(c, fitted + rng.choice(residuals, n), [best], floor)
                         for _ in range(n_bootstrap)])
+  else:
+    scatter = [_isoflop_scatter(C, N, loss) for C, N, loss in groups]
+    reasons = [s for s in scatter if isinstance(s, str)]
+    if reasons:
+      interval_from = f'none: 3 budgets and {reasons[0]}'
+    else:
+      interval_from = 'isoflop scatter'
+      sigma = np.array(scatter)
+      samples = np.array([
+          _fit_frontier_law(c, log_L + sigma * rng.standard_normal(n), [best], floor)
+          for _ in range(n_bootstrap)])
   to_raw_C = np.array([0.0, log_C_ref, 0.0])  # log k for C in FLOPs: log k' + gamma log C_ref
   params = best + to_raw_C * best[2]
   samples = samples + to_raw_C * samples[:, 2:3]
   law = FrontierLaw(E=_estimate(params[0], samples[:, 0]),
                     k=_estimate(math.exp(params[1]), np.exp(samples[:, 1])),
                     gamma=_estimate(params[2], samples[:, 2]), n_bootstrap=len(samples),
-                    params=params, samples=samples)
+                    interval_from=interval_from, params=params, samples=samples)
   return Frontier(budgets, best_loss, law)
 
 

@@ -154,6 +154,27 @@ def test_frontier_and_multiplier_need_three_budgets():
       'cannot fit: other frontier: only 2 budget(s) (L(C) = E + k C^-gamma needs 3)')
 
 
+def test_frontier_intervals_with_three_budgets_come_from_the_isoflop_scatter():
+  # Three budgets: the law passes through the best losses, so there are no residuals; the
+  # interval comes from each budget's scatter about its parabola, and widens with the noise.
+  rng = np.random.default_rng(0)
+  widths = []
+  for noise in (0.002, 0.02):
+    runs = [{'N': 1e8 * 2.0**i, 'C': C, 'loss': frontier_law(C) + 0.02 * (i - 2)**2
+             + noise * rng.standard_normal()} for C in (1e18, 1e19, 1e20) for i in range(5)]
+    law = scaling.frontier(runs, n_bootstrap=200).law
+    assert law.interval_from == 'isoflop scatter' and law.n_bootstrap == 200
+    assert law.gamma.low < law.gamma.value < law.gamma.high
+    widths.append(law.gamma.high - law.gamma.low)
+  assert widths[1] > 3 * widths[0]
+  # Three runs per budget leave no scatter to measure: the law stands, without an interval.
+  law = scaling.frontier(frontier_runs(frontier_law, budgets=[1e18, 1e19, 1e20]),
+                         n_bootstrap=50).law
+  assert law.n_bootstrap == 0 and law.gamma.low is None
+  assert law.interval_from == ('none: 3 budgets and C=1e+18 has 3 run(s) of 3 size(s) (a scatter '
+                               'about the isoFLOP parabola needs 4 runs of 3 sizes)')
+
+
 def test_results_round_trip_through_json():
   runs = isoflop_runs(noise=0.01)
   base = scaling.frontier(runs, n_bootstrap=20)
