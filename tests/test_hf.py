@@ -156,7 +156,6 @@ def _write_config(tmp_path, base_dir, **changes):
 
 
 @pytest.mark.parametrize('variant,changes,match', [
-    ('llama', dict(model_type='qwen3_moe'), "model_type='qwen3_moe' is not supported yet"),
     ('llama', dict(model_type='mamba'), "model_type='mamba' is not supported"),
     ('llama', dict(rope_parameters={'rope_type': 'dynamic', 'rope_theta': 1e4, 'factor': 2.0}),
      'rope_parameters=.*dynamic'),

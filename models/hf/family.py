@@ -69,11 +69,15 @@ class Tensor:
   `contract` is how many leading axes of the archlab parameter(s) are the input side
   (as in `models.layers.common.project`): 1 for `q` (D, N, H), 2 for `o` (N, H, D), 0 for
   vectors.
+  `index`, when set, says the row holds one slice of the archlab parameter's leading axis
+  (one expert of an (E, D, F) weight stored per expert, `experts.{e}.gate_proj.weight`);
+  the table then has a row for every index, and shapes here are the slice's.
   """
   hf: str
   ours: tuple[Path, ...]
   kind: str = 'copy'
   contract: int = 1
+  index: int | None = None
 
   def __post_init__(self):
     assert self.kind in ('copy', 'linear', 'fused'), self.kind
@@ -132,8 +136,6 @@ FAMILIES: dict[str, Family] = {}
 
 # Families of the transformer issue with no mapping table yet, and the components they use.
 PENDING = {
-    'qwen3_moe': 'QK-norm and the mixture-of-experts sublayer E',
-    'olmo3': 'post-norm placement, full-width QK-norm and sliding-window attention W',
     'gpt_oss': 'the MoE sublayer E, attention sinks, sliding windows and YaRN RoPE',
     'deepseek_v3': 'MLA attention and the MoE sublayer E with group-limited routing',
 }
@@ -224,12 +226,20 @@ def architecture_diff(ours, theirs) -> list[tuple[str, Any, Any]]:
 
 
 def _canonical(fields: dict) -> dict:
-  """Equivalent spellings made equal: head_dim 0 is d_model // num_heads, and in a model of
-  `A` and `F` sublayers use_bias=True is attention.qkv_bias = attention.o_bias = mlp_bias =
-  True (where the config has those switches).
+  """Equivalent spellings made equal: head_dim 0 is d_model // num_heads, moe.expert_mlp_dim
+  0 is mlp_dim, attention.window without `W` sublayers and moe.* without `E` sublayers are
+  unused, and in a model of `A` and `F` sublayers use_bias=True is attention.qkv_bias =
+  attention.o_bias = mlp_bias = True (where the config has those switches).
   """
   if not fields.get('head_dim') and fields.get('num_heads'):
     fields = dict(fields, head_dim=fields['d_model'] // fields['num_heads'])
+  if 'moe.expert_mlp_dim' in fields and not fields['moe.expert_mlp_dim']:
+    fields = dict(fields, **{'moe.expert_mlp_dim': fields['mlp_dim']})
+  pattern = fields.get('pattern', '')
+  if 'W' not in pattern:  # the window only shapes W sublayers, the moe fields E sublayers
+    fields = {k: v for k, v in fields.items() if k != 'attention.window'}
+  if 'E' not in pattern:
+    fields = {k: v for k, v in fields.items() if not k.startswith('moe.')}
   switches = ('attention.qkv_bias', 'attention.o_bias', 'mlp_bias')
   if fields.get('use_bias') and all(s in fields for s in switches) and set(
       fields.get('pattern', '')) <= set('AF'):

@@ -119,15 +119,24 @@ def import_hf(path: str, config: ml_collections.ConfigDict | None = None):
     names[name] = name
     if not name.startswith(family.prefix) and not name.startswith('lm_head.'):
       names.setdefault(family.prefix + name, name)
-  used, logical = set(), {}
+  used, logical, slices = set(), {}, {}
   for row in family.tensors(model_config):
     if row.hf not in names:
       raise family_lib.UnsupportedError(f'{path}: tensor {row.hf} is missing (the config.json '
                                         f'of this {family.model_type} model needs it)')
     used.add(names[row.hf])
     targets = [layout.logical_shape(p, shapes) for p in row.ours]
+    if row.index is not None:  # one slice (an expert) of each parameter
+      targets = [t[1:] for t in targets]
     for p, value in zip(row.ours, row.to_archlab(tensors[names[row.hf]], targets)):
-      logical[p] = value
+      if row.index is None:
+        logical[p] = value
+      else:
+        slices.setdefault(p, {})[row.index] = value
+  for p, pieces in slices.items():
+    count = layout.logical_shape(p, shapes)[0]
+    assert sorted(pieces) == list(range(count)), (p, sorted(pieces), count)
+    logical[p] = np.stack([pieces[i] for i in range(count)])
   ignored = [re.compile(p) for p in family.ignored]
   if model_config.tie_embeddings:
     ignored.append(re.compile(r'lm_head\.weight'))  # transformers ties it to the embedding
@@ -209,7 +218,8 @@ def export_hf(config, params, path: str, *, tokenizer_path: str | None = None,
 
   tensors, covered = {}, set()
   for row in family.tensors(model_config):
-    tensors[row.hf] = row.to_hf([logical(p) for p in row.ours])
+    arrays = [logical(p) for p in row.ours]
+    tensors[row.hf] = row.to_hf(arrays if row.index is None else [a[row.index] for a in arrays])
     covered.update(layout.locate(p)[0] for p in row.ours)
   uncovered = sorted(set(flat) - covered)
   if uncovered:
