@@ -246,13 +246,17 @@ def tokenize_corpus(corpus: corpus_lib.CorpusFiles, tokenizer: Tokenizer, val_fr
   streams, stats = {}, {'skipped_files': counts['skipped_files']}
   for split, want_val in (('train', False), ('val', True)):
     members = [i for i, v in enumerate(is_val) if v == want_val]
-    stream = np.empty(sum(len(arrays[i]) + 2 for i in members), dtype)
+    # bos doc eos, per document; a tokenizer whose bos is its eos (GPT-2, Qwen) writes one
+    # separator per document: eos doc.
+    extra = 1 if tokenizer.bos_id == tokenizer.eos_id else 2
+    stream = np.empty(sum(len(arrays[i]) + extra for i in members), dtype)
     offset = 0
     for i in members:
       stream[offset] = tokenizer.bos_id
       stream[offset + 1:offset + 1 + len(arrays[i])] = arrays[i]
-      offset += len(arrays[i]) + 2
-      stream[offset - 1] = tokenizer.eos_id
+      offset += len(arrays[i]) + extra
+      if extra == 2:
+        stream[offset - 1] = tokenizer.eos_id
     streams[split] = stream
     stats[f'num_{split}_docs'] = len(members)
     stats[f'{split}_tokens'] = int(len(stream))

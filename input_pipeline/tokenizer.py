@@ -10,7 +10,16 @@ Both expose one interface the pipeline and the objectives rely on:
   save(path), fingerprint              a stable hash of the vocabulary
 
 `token_bytes_V` is exact: for any text, `token_bytes_V[encode(text)].sum()` equals
-`len(text.encode('utf-8'))`, which is what turns a loss in nats into bits per byte.
+`len(text.encode('utf-8'))`, which is what turns a loss in nats into bits per byte (for a
+tokenizer with a Unicode normalizer, such as Qwen's NFC, exact for text already normalised).
+
+BPE tokenizers are archlab's own (trained with the special tokens of SPECIAL_TOKENS) or a
+Hugging Face checkpoint's byte-level `tokenizer.json` (GPT-2, Llama 3, Qwen, OLMo, GPT-OSS,
+DeepSeek V3): its bos/eos/pad/mask tokens are named by the `tokenizer_config.json` (or
+`special_tokens_map.json`, or `config.json` ids) beside it. A real tokenizer needs an eos token
+(the document separator); without a bos token documents start with eos (GPT-2's convention),
+without a pad token padding is eos, and without a mask token `mask_id` is None (objectives
+that need one refuse such a tokenizer).
 """
 
 from __future__ import annotations
@@ -92,41 +101,66 @@ class ByteTokenizer:
 
 
 class BpeTokenizer:
-  """A byte-level BPE `tokenizers.Tokenizer` with the four special tokens of SPECIAL_TOKENS."""
+  """A byte-level BPE `tokenizers.Tokenizer` and the ids of its special tokens.
 
-  def __init__(self, tokenizer: tokenizers.Tokenizer):
+  `special_tokens` maps 'bos', 'eos', 'pad', 'mask' to token strings; None means archlab's
+  own SPECIAL_TOKENS, all four required.
+  """
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer, special_tokens: dict | None = None,
+               source: str = 'BPE tokenizer'):
     self._tokenizer = tokenizer
     # Special-token strings in documents are text, never control tokens.
     self._tokenizer.encode_special_tokens = True
+    if special_tokens is None:
+      special_tokens = dict(zip(_SPECIAL_NAMES, SPECIAL_TOKENS))
+      for token in SPECIAL_TOKENS:
+        if tokenizer.token_to_id(token) is None:
+          raise ValueError(f'{source} has no special token {token!r}; archlab needs all of '
+                           f'{list(SPECIAL_TOKENS)}')
+    if not special_tokens.get('eos'):
+      raise ValueError(f'{source}: no eos token is named (archlab separates documents with it)')
     ids = {}
-    for name, token in zip(('pad_id', 'bos_id', 'eos_id', 'mask_id'), SPECIAL_TOKENS):
-      ids[name] = tokenizer.token_to_id(token)
-      if ids[name] is None:
-        raise ValueError(f'BPE tokenizer has no special token {token!r}; archlab needs all of '
-                         f'{list(SPECIAL_TOKENS)}')
-    self.pad_id, self.bos_id, self.eos_id, self.mask_id = (
-        ids['pad_id'], ids['bos_id'], ids['eos_id'], ids['mask_id'])
+    for name, token in special_tokens.items():
+      if token:
+        ids[name] = tokenizer.token_to_id(token)
+        if ids[name] is None:
+          raise ValueError(f'{source}: its {name} token {token!r} is not in the vocabulary')
+    self.special_tokens = {n: special_tokens[n] for n in _SPECIAL_NAMES if n in ids}
+    self.eos_id = ids['eos']
+    self.bos_id = ids.get('bos', self.eos_id)
+    self.pad_id = ids.get('pad', self.eos_id)
+    self.mask_id = ids.get('mask')
     self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-    self.token_bytes_V = self._token_bytes()
+    self.token_bytes_V = self._token_bytes(source)
     canonical = json.loads(tokenizer.to_str())
     content = {'model': canonical.get('model'),
                'added_tokens': [(t['id'], t['content']) for t in canonical.get('added_tokens', [])],
                'pre_tokenizer': canonical.get('pre_tokenizer')}
+    if self.special_tokens != dict(zip(_SPECIAL_NAMES, SPECIAL_TOKENS)):
+      content['special_tokens'] = self.special_tokens  # the separator changes the streams
     self.fingerprint = 'bpe-' + hashlib.sha1(
         json.dumps(content, sort_keys=True).encode('utf-8')).hexdigest()
 
-  def _token_bytes(self) -> np.ndarray:
-    """Bytes of raw text per id, from the byte-level alphabet; 0 for special tokens."""
+  def _token_bytes(self, source: str) -> np.ndarray:
+    """Bytes of raw text per id: from the byte-level alphabet for vocabulary tokens, the UTF-8
+    length of an added token's text for added non-special tokens (Qwen's `<think>`), 0 for
+    special tokens (which documents never contain: their text encodes as ordinary tokens)."""
     alphabet = byte_level_alphabet()
-    special = {t.content for t in self._tokenizer.get_added_tokens_decoder().values()}
+    added = self._tokenizer.get_added_tokens_decoder()
     token_bytes_V = np.zeros(self.vocab_size, np.int32)
     for i in range(self.vocab_size):
+      if i in added:
+        if not added[i].special:
+          token_bytes_V[i] = len(added[i].content.encode('utf-8'))
+        continue
       token = self._tokenizer.id_to_token(i)
-      if token is None or token in special:
+      if token is None:
         continue
       if any(c not in alphabet for c in token):
-        raise ValueError(f'token {i} ({token!r}) is not byte-level BPE; archlab supports '
-                         'byte-level BPE tokenizers only')
+        raise ValueError(f'{source}: token {i} ({token!r}) is not byte-level BPE; archlab '
+                         'supports byte-level BPE tokenizers only (GPT-2, Llama 3, Qwen, OLMo, '
+                         'GPT-OSS, DeepSeek V3 style)')
       token_bytes_V[i] = len(token)
     return token_bytes_V
 
@@ -144,7 +178,14 @@ class BpeTokenizer:
 
   @classmethod
   def from_file(cls, path: str) -> BpeTokenizer:
-    return cls(tokenizers.Tokenizer.from_file(path))
+    """A tokenizer.json; special tokens from archlab's names, else from the files beside it."""
+    try:
+      tokenizer = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+      raise ValueError(f'{path}: not a tokenizers tokenizer.json ({str(e).splitlines()[0]})') from None
+    if all(tokenizer.token_to_id(t) is not None for t in SPECIAL_TOKENS):
+      return cls(tokenizer, source=path)
+    return cls(tokenizer, hf_special_tokens(path, tokenizer), source=path)
 
   def encode(self, text: str) -> list[int]:
     return self._tokenizer.encode(text, add_special_tokens=False).ids
@@ -157,6 +198,17 @@ class BpeTokenizer:
     return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
   def save(self, path: str) -> None:
+    """Writes the tokenizer.json and, for a tokenizer whose special tokens are not archlab's,
+    the Hugging Face tokenizer_config.json beside it that names them (so `from_file` and
+    transformers both read them back)."""
+    if self.special_tokens != dict(zip(_SPECIAL_NAMES, SPECIAL_TOKENS)):
+      config_path = os.path.join(os.path.dirname(os.path.abspath(path)), 'tokenizer_config.json')
+      fields = {}
+      if os.path.isfile(config_path):
+        with open(config_path, encoding='utf-8') as f:
+          fields = json.load(f)
+      fields.update({f'{name}_token': token for name, token in self.special_tokens.items()})
+      atomic_write_text(config_path, json.dumps(fields, indent=2, ensure_ascii=False))
     atomic_write_text(path, self._tokenizer.to_str())
 
   def __repr__(self) -> str:
@@ -164,6 +216,49 @@ class BpeTokenizer:
 
 
 Tokenizer = ByteTokenizer | BpeTokenizer
+_SPECIAL_NAMES = ('pad', 'bos', 'eos', 'mask')
+
+
+def hf_special_tokens(path: str, tokenizer: tokenizers.Tokenizer) -> dict[str, str]:
+  """The special tokens a Hugging Face checkpoint names for the tokenizer.json at `path`.
+
+  Read from tokenizer_config.json (`bos_token`, ...), else special_tokens_map.json, else the
+  `*_token_id` fields of config.json, in the same directory. Raises one line when none names
+  an eos token.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  found = {}
+  for name in ('tokenizer_config.json', 'special_tokens_map.json'):
+    sidecar = os.path.join(directory, name)
+    if os.path.isfile(sidecar):
+      with open(sidecar, encoding='utf-8') as f:
+        try:
+          fields = json.load(f)
+        except json.JSONDecodeError as e:
+          raise ValueError(f'{sidecar}: not JSON ({e})') from None
+      for key in _SPECIAL_NAMES:
+        value = fields.get(f'{key}_token')
+        if isinstance(value, dict):  # {"content": "<|endoftext|>", ...}
+          value = value.get('content')
+        if isinstance(value, str) and value and key not in found:
+          found[key] = value
+  config_path = os.path.join(directory, 'config.json')
+  if 'eos' not in found and os.path.isfile(config_path):
+    with open(config_path, encoding='utf-8') as f:
+      fields = json.load(f)
+    for key in _SPECIAL_NAMES:
+      value = fields.get(f'{key}_token_id')
+      if isinstance(value, list):  # several eos ids (Llama 3.1 instruct): the first
+        value = value[0] if value else None
+      if isinstance(value, int) and key not in found:
+        token = tokenizer.id_to_token(value)
+        if token is not None:
+          found[key] = token
+  if 'eos' not in found:
+    raise ValueError(f'{path} has none of archlab\'s special tokens {list(SPECIAL_TOKENS)} and '
+                     f'no tokenizer_config.json, special_tokens_map.json or config.json beside '
+                     f'it that names an eos token')
+  return found
 
 
 def load_tokenizer(path: str) -> Tokenizer:

@@ -77,12 +77,17 @@ def tokenizer_file(path: str) -> str | None:
 
 
 def special_token_ids(tokenizer_path: str) -> dict:
-  """bos/eos/pad ids for config.json from a tokenizer.json's added tokens (archlab's names)."""
-  with open(tokenizer_path, encoding='utf-8') as f:
-    added = {t['content']: t['id'] for t in json.load(f).get('added_tokens', [])}
-  names = {'bos_token_id': '<bos>', 'eos_token_id': '<eos>', 'pad_token_id': '<pad>'}
-  return {field: added[token] for field, token in names.items() if token in added}
+  """bos/eos/pad ids for config.json: the special tokens the tokenizer resolves (archlab's own,
+  or those its tokenizer_config.json names)."""
+  from input_pipeline import tokenizer as tokenizer_lib  # the data side; only export needs it
+  tokenizer = tokenizer_lib.BpeTokenizer.from_file(tokenizer_path)
+  return {'bos_token_id': tokenizer.bos_id, 'eos_token_id': tokenizer.eos_id,
+          'pad_token_id': tokenizer.pad_id}
 
 
 def copy_tokenizer(tokenizer_path: str, path: str) -> None:
+  """The tokenizer.json and, when beside it, the tokenizer_config.json naming its tokens."""
   shutil.copyfile(tokenizer_path, os.path.join(path, 'tokenizer.json'))
+  sidecar = os.path.join(os.path.dirname(os.path.abspath(tokenizer_path)), 'tokenizer_config.json')
+  if os.path.isfile(sidecar):
+    shutil.copyfile(sidecar, os.path.join(path, 'tokenizer_config.json'))
