@@ -62,7 +62,9 @@ def model_defaults() -> ml_collections.ConfigDict:
       num_kv_heads=4,
       head_dim=0,                # 0: d_model // num_heads
       mlp_dim=512,
-      mlp_activation='swiglu',   # swiglu | geglu | gelu | gelu_exact | relu | relu2 | silu
+      mlp_activation='swiglu',   # swiglu | geglu | swiglu_clamped | gelu | gelu_exact | relu | relu2 | silu
+      swiglu_limit=7.0,          # swiglu_clamped (GPT-OSS): gate <= limit, |up| <= limit,
+      swiglu_alpha=1.702,        #   out = (up + 1) * gate * sigmoid(alpha * gate)
       norm='rmsnorm',            # rmsnorm | layernorm
       norm_eps=1e-5,
       norm_zero_centred=False,   # scale stored as w, applied as 1 + w (Gemma, Qwen3-Next)
@@ -113,6 +115,7 @@ def model_defaults() -> ml_collections.ConfigDict:
               nope_head_dim=32,  # per-head key/query features without RoPE
               rope_head_dim=16,  # RoPE features (the key's shared by all heads)
               v_head_dim=32,
+              norm_eps=0.0,      # eps of the latent RMSNorms (0: model.norm_eps; DeepSeek: 1e-6)
           ),
       ),
       moe=dict(                  # the `E` sublayer (models/layers/moe.py)
@@ -130,6 +133,8 @@ def model_defaults() -> ml_collections.ConfigDict:
           aux_loss_weight=0.01,      # Switch/GShard load-balancing loss, summed over layers
           router_z_loss_weight=0.0,  # ST-MoE z-loss on the router logits
           bias_update_rate=0.0,      # DeepSeek V3 aux-loss-free bias step (0: off; V3 0.001)
+          correction_bias=False,     # a frozen per-expert parameter added to the scores for
+                                     #   selection only (a checkpoint's e_score_correction_bias)
           dispatch='dropless',       # dropless (ragged_dot) | capacity | dense (reference)
           capacity_factor=1.25,      # capacity: slots per expert = cf * tokens * k / E
       ),

@@ -124,8 +124,10 @@ class MLAttention(nn.Module):
                         pdtype).astype(dtype)
       return y
 
-    def latent_norm(name):
-      return norms.make_norm(cfg, name, kind='rmsnorm', axes=('latent',))
+    def latent_norm(name):  # RMSNorm; its eps is `mla.norm_eps` (DeepSeek's is fixed at 1e-6)
+      return norms.Norm(kind='rmsnorm', eps=cfg.attention.mla.get('norm_eps', 0.0) or cfg.norm_eps,
+                        zero_centred=cfg.norm_zero_centred, axes=('latent',), dtype=dtype,
+                        param_dtype=pdtype, name=name)
 
     if q_rank:
       q_BTR = latent_norm('q_a_norm')(dense('q_a', x_BTD, (d, q_rank), ('embed', 'latent'),

@@ -1,4 +1,4 @@
-"""Dense MLP sublayer `F`: gated (SwiGLU, GeGLU) or plain (GELU, ReLU, ReLU^2)."""
+"""Dense MLP sublayer `F`: gated (SwiGLU, GeGLU, clamped SwiGLU) or plain (GELU, ReLU, ReLU^2)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,28 @@ ACTIVATIONS = {
     'relu2': lambda x: jnp.square(jax.nn.relu(x)),
     'silu': jax.nn.silu,
 }
-GATED = {'swiglu': 'silu', 'geglu': 'gelu'}
+# Gated activations: act(gate) * up, except swiglu_clamped (see `glu`).
+GATED = {'swiglu': 'silu', 'geglu': 'gelu', 'swiglu_clamped': 'silu'}
+
+
+def glu(cfg, gate, up):
+  """The gated product of `model.mlp_activation` (a name in GATED).
+
+  swiglu_clamped is GPT-OSS's: the gate clipped above at `swiglu_limit`, the up projection to
+  [-limit, limit], then (up + 1) * gate * sigmoid(swiglu_alpha * gate).
+  """
+  if cfg.mlp_activation == 'swiglu_clamped':
+    limit = cfg.swiglu_limit
+    gate, up = jnp.minimum(gate, limit), jnp.clip(up, -limit, limit)
+    return (up + 1) * (gate * jax.nn.sigmoid(cfg.swiglu_alpha * gate))
+  return ACTIVATIONS[GATED[cfg.mlp_activation]](gate) * up
+
+
+def activation(cfg):
+  """`(gated, fn)`: fn(h, up) for gated activations, fn(h) for plain ones."""
+  if cfg.mlp_activation in GATED:
+    return True, lambda h, up: glu(cfg, h, up)
+  return False, ACTIVATIONS[cfg.mlp_activation]
 
 
 @models.register_sublayer('F')
@@ -31,6 +52,8 @@ class Mlp(nn.Module):
                        f'{sorted(ACTIVATIONS) + sorted(GATED)}')
     if cfg.mlp_dim <= 0:
       raise ValueError(f'model.mlp_dim={cfg.mlp_dim} must be positive')
+    if cfg.mlp_activation == 'swiglu_clamped' and cfg.swiglu_limit <= 0:
+      raise ValueError(f'model.swiglu_limit={cfg.swiglu_limit} must be positive')
 
   @classmethod
   def flops_per_token(cls, cfg, seq_len: int) -> float:
@@ -59,12 +82,11 @@ class Mlp(nn.Module):
         y += self.param(name + '_bias', common.zeros_init(axes[-1:]), shape[-1:], pdtype).astype(dtype)
       return y
 
-    gated = cfg.mlp_activation in GATED
-    act = ACTIVATIONS[GATED.get(cfg.mlp_activation, cfg.mlp_activation)]
+    gated, act = activation(cfg)
     h_BTF = dense('wi', x_BTD, (d, f), ('embed', 'mlp'), cfg.init_std)
     if gated:
       up_BTF = dense('wu', x_BTD, (d, f), ('embed', 'mlp'), cfg.init_std)
-      h_BTF = act(h_BTF) * up_BTF
+      h_BTF = act(h_BTF, up_BTF)
     else:
       h_BTF = act(h_BTF)
     h_BTF = common.constrain(h_BTF, ('batch', 'length', 'mlp'))

@@ -3,7 +3,8 @@
 Routing, in float32 (Switch, Mixtral, Qwen-MoE, DeepSeek V2/V3):
 
   scores_TE  = softmax(x W_r) or sigmoid(x W_r)
-  choice_TE  = scores_TE + bias_E                  (aux-loss-free bias; selection only)
+  choice_TE  = scores_TE + bias_E                  (aux-loss-free or correction bias;
+                                                    selection only)
                restricted to the best `topk_group` of `n_group` expert groups (DeepSeek)
   experts_TX = top-k(choice_TE)
   weights_TX = scores_TE[experts_TX], renormalised if `norm_topk_prob`, x routed_scaling_factor
@@ -17,6 +18,11 @@ Dispatch (`model.moe.dispatch`):
             E x Q buffer (first choices before second choices, then token order); overflow is
             dropped (its output is zero) and counted in `moe/dropped_fraction`;
   dense     the reference: every expert on every token, masked by the routing weights.
+
+Biases (`model.use_bias` or `model.mlp_bias`, GPT-OSS) go on the router logits and on every
+expert projection. `moe.correction_bias` adds a per-expert parameter to the selection scores
+(a DeepSeek V3 checkpoint's e_score_correction_bias); it gets no gradient (stop_gradient) and,
+being a vector, no weight decay, so training leaves it where the checkpoint put it.
 
 Balancing: the Switch/GShard auxiliary loss `loss/moe_aux` (1 at perfect balance, summed
 over layers), the router z-loss `loss/moe_router_z` (ST-MoE) and DeepSeek V3's
@@ -136,7 +142,8 @@ def sort_slots(expert_R, valid_R, num_experts: int):
 
 def expert_ffn(x, w, act, gated: bool, matmul, bias):
   """One expert MLP per row group: `matmul(x, w_E..)` applies each row's expert weights and
-  `bias(b_E.)` broadcasts each row's expert bias (None when there are no biases)."""
+  `bias(b_E.)` broadcasts each row's expert bias (None when there are no biases). `act` is
+  `mlp.activation(cfg)[1]`: act(gate, up) when gated."""
   def dense(name, inputs):
     y = matmul(inputs, w[name])
     if name + '_bias' in w:
@@ -144,7 +151,7 @@ def expert_ffn(x, w, act, gated: bool, matmul, bias):
     return y
 
   h = dense('wi', x)
-  h = act(h) * dense('wu', x) if gated else act(h)
+  h = act(h, dense('wu', x)) if gated else act(h)
   return dense('wo', h)
 
 
@@ -274,9 +281,8 @@ class Moe(nn.Module):
     assert d == cfg.d_model, f'model.d_model={cfg.d_model} but input width {d}'
     dtype, pdtype = common.dtype_of(cfg.dtype), common.dtype_of(cfg.param_dtype)
     std, out_std = cfg.init_std, cfg.init_std / len(cfg.pattern) ** 0.5
-    gated = cfg.mlp_activation in mlp.GATED
+    gated, act = mlp.activation(cfg)
     has_bias = cfg.use_bias or cfg.mlp_bias  # as the dense MLP (GPT-OSS: router and experts)
-    act = mlp.ACTIVATIONS[mlp.GATED.get(cfg.mlp_activation, cfg.mlp_activation)]
 
     x_TD = common.constrain(x_BTD.reshape(b * t, d), ('batch', 'embed'))
     if segment_ids_BT is None:
@@ -296,6 +302,9 @@ class Moe(nn.Module):
       bias_E = jax.lax.stop_gradient(bias.value)
     else:
       bias, bias_E = None, jnp.zeros((e,), jnp.float32)
+    if m.get('correction_bias', False):
+      correction_E = self.param('correction_bias', common.zeros_init(('experts',)), (e,), pdtype)
+      bias_E = bias_E + jax.lax.stop_gradient(correction_E.astype(jnp.float32))
     weights_TX, experts_TX, scores_TE = route(logits_TE, bias_E, m)
 
     w = {}
@@ -342,7 +351,7 @@ class Moe(nn.Module):
     if m.router_z_loss_weight:
       aux['loss/moe_router_z'] = m.router_z_loss_weight * router_z_loss(logits_TE, valid_T)
     if bias is not None and self.is_mutable_collection(BIAS_COLLECTION) and not self.is_initializing():
-      bias.value = update_bias(bias_E, counts_E, m.bias_update_rate)
+      bias.value = update_bias(jax.lax.stop_gradient(bias.value), counts_E, m.bias_update_rate)
     if cache is not None:
       aux['cache'] = {}
     return y_BTD, aux

@@ -1,0 +1,249 @@
+"""DeepSeek V3 (`model_type='deepseek_v3'`, DeepseekV3ForCausalLM): MLA and group-limited MoE.
+
+Attention is MLA (`attention.kind='mla'`): queries through a low-rank bottleneck
+(`q_lora_rank`; None is full-rank `q_proj`), keys and values from one latent of
+`kv_lora_rank` features plus a shared RoPE key (HF stores both in `kv_a_proj_with_mqa`,
+latent first), the latent expanded per head by `kv_b_proj` ([k_nope | v] per head).
+The latent RMSNorms use transformers' default eps 1e-6, not `rms_norm_eps`
+(`attention.mla.norm_eps`). RoPE pairs are interleaved when `rope_interleave` (the layout
+of the rotated features differs from archlab's, but q and k share it, so scores agree);
+YaRN with `mscale_all_dim` also scales the softmax (models/layers/mla.py).
+
+The first `first_k_dense_replace` layers have a dense MLP (`F`), the rest a MoE (`E`):
+sigmoid scores, `e_score_correction_bias` added for selection only (archlab's
+`moe.correction_bias` parameter), top `topk_group` of `n_group` groups, top k, weights
+renormalised (`norm_topk_prob`) and times `routed_scaling_factor`, plus `n_shared_experts`
+always-on experts as one MLP. Experts are stored one tensor per expert
+(`mlp.experts.{e}.gate_proj.weight`). Multi-token-prediction layers (`model.layers.61` in
+the released checkpoints) are ignored, as transformers ignores them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from models.hf import family as family_lib
+from models.hf import llama
+from models.hf.family import Tensor
+
+LATENT_NORM_EPS = 1e-6  # DeepseekV3RMSNorm's default, used by q_a_layernorm and kv_a_layernorm
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearTensor(Tensor):
+  """An nn.Linear weight (out, in) whose output rows hold several archlab parameters.
+
+  `per_head` > 0: rows are head-major, each head [p_0 | p_1 | ...] (kv_b_proj: k_nope and v
+  per head, archlab parameters (R, N, H_i)); otherwise rows are [p_0 | p_1 | ...] whole
+  (kv_a_proj_with_mqa: the latent, then the RoPE key).
+  """
+  kind: str = 'fused'
+  per_head: int = 0
+
+  def _fused(self) -> Tensor:
+    return Tensor(self.hf, self.ours, 'fused', self.contract)
+
+  def hf_shape(self, shapes):
+    if self.per_head:
+      return (self.per_head * sum(s[-1] for s in shapes), shapes[0][0])
+    return self._fused().hf_shape(shapes)[::-1]
+
+  def to_archlab(self, array, shapes):
+    expected = self.hf_shape(shapes)
+    if tuple(array.shape) != expected:
+      raise family_lib.UnsupportedError(f'tensor {self.hf} has shape {tuple(array.shape)}, but '
+                                        f'the config gives {expected}')
+    if not self.per_head:
+      return self._fused().to_archlab(array.T, shapes)
+    r, n = shapes[0][0], self.per_head
+    split = np.cumsum([s[-1] for s in shapes])[:-1]
+    return list(np.split(array.T.reshape(r, n, -1), split, axis=-1))
+
+  def to_hf(self, arrays):
+    if not self.per_head:
+      return self._fused().to_hf(arrays).T
+    return np.concatenate(arrays, axis=-1).reshape(arrays[0].shape[0], -1).T
+
+
+def config_to_archlab(hf: family_lib.HfConfig) -> dict:
+  d, n = hf.get('hidden_size', 7168), hf.get('num_attention_heads', 128)
+  layers = hf.get('num_hidden_layers', 61)
+  dense = hf.get('first_k_dense_replace', 3)
+  if not 0 <= dense <= layers:
+    hf.refuse('first_k_dense_replace', f'must be in [0, num_hidden_layers={layers}]')
+  act = hf.require('hidden_act', llama.ACTIVATIONS, 'silu')
+  q_rank = hf.get('q_lora_rank', 0)
+  bias = bool(hf.get('attention_bias', False))
+  if bias and not q_rank:
+    hf.refuse('attention_bias', 'with q_lora_rank=None is not supported: archlab\'s full-rank '
+              'MLA query has a bias when the other projections do, transformers\' q_proj none')
+  experts, shared = hf.get('n_routed_experts', 256), hf.get('n_shared_experts', 1)
+  if dense < layers and shared < 1:
+    hf.refuse('n_shared_experts', 'must be >= 1 (transformers always builds the shared MLP)')
+  fields = {
+      'pattern': 'AF' * dense + 'AE' * (layers - dense),
+      'vocab_size': hf.get('vocab_size', 129280),
+      'd_model': d,
+      'num_heads': n,
+      'num_kv_heads': n,  # MLA expands the latent into keys and values for every head
+      'mlp_dim': hf.get('intermediate_size', 18432),
+      'mlp_activation': llama.ACTIVATIONS[act],
+      'norm': 'rmsnorm',
+      'norm_eps': float(hf.get('rms_norm_eps', 1e-6)),
+      'position': 'rope',
+      'rope_interleaved': bool(hf.get('rope_interleave', True)),
+      'max_len': hf.get('max_position_embeddings', 4096),
+      'tie_embeddings': bool(hf.get('tie_word_embeddings', False)),
+      'use_bias': False,
+      'attention.qkv_bias': bias,
+      'attention.o_bias': bias,
+      'attention.kind': 'mla',
+      'attention.mla.q_rank': q_rank,
+      'attention.mla.kv_rank': hf.get('kv_lora_rank', 512),
+      'attention.mla.nope_head_dim': hf.get('qk_nope_head_dim', 128),
+      'attention.mla.rope_head_dim': hf.get('qk_rope_head_dim', 64),
+      'attention.mla.v_head_dim': hf.get('v_head_dim', 128),
+      'attention.mla.norm_eps': LATENT_NORM_EPS,
+      **family_lib.rope_fields(hf),
+  }
+  if dense < layers:
+    fields.update({
+        'moe.num_experts': experts,
+        'moe.num_experts_per_tok': hf.get('num_experts_per_tok', 8),
+        'moe.expert_mlp_dim': hf.get('moe_intermediate_size', 2048),
+        'moe.router': 'sigmoid',
+        'moe.norm_topk_prob': bool(hf.get('norm_topk_prob', True)),
+        'moe.routed_scaling_factor': float(hf.get('routed_scaling_factor', 2.5)),
+        'moe.num_shared_experts': shared,
+        'moe.shared_expert_mlp_dim': 0,
+        'moe.n_group': hf.get('n_group', 1),
+        'moe.topk_group': hf.get('topk_group', 1),
+        'moe.correction_bias': True,
+        'moe.aux_loss_weight': 0.0,  # auxiliary-loss-free balancing
+    })
+  return fields
+
+
+def layer_kinds(cfg) -> tuple[int, int]:
+  """(dense layers, MoE layers) of a pattern 'AF' * k + 'AE' * m, or one line why not."""
+  p = cfg.pattern
+  dense = 0
+  while p.startswith('AF', 2 * dense):
+    dense += 1
+  rest = len(p) // 2 - dense
+  if len(p) % 2 or p != 'AF' * dense + 'AE' * rest:
+    raise family_lib.UnsupportedError(f'model.pattern={p!r} is not \'AF\' * k + \'AE\' * m, as '
+                                      'DeepSeek V3')
+  return dense, rest
+
+
+def config_to_hf(cfg) -> dict:
+  dense, sparse = layer_kinds(cfg)
+  if cfg.attention.kind != 'mla':
+    raise family_lib.UnsupportedError(f'model.attention.kind={cfg.attention.kind!r} cannot be '
+                                      "written as DeepSeek V3 (mla only)")
+  if cfg.mlp_activation not in llama.TO_HF_ACTIVATIONS:
+    raise family_lib.UnsupportedError(f'model.mlp_activation={cfg.mlp_activation!r} cannot be '
+                                      f'written as DeepSeek V3 (supported: '
+                                      f'{list(llama.TO_HF_ACTIVATIONS)})')
+  m, mla = cfg.moe, cfg.attention.mla
+  hf_config = {
+      'model_type': 'deepseek_v3',
+      'architectures': ['DeepseekV3ForCausalLM'],
+      'vocab_size': cfg.vocab_size,
+      'hidden_size': cfg.d_model,
+      'intermediate_size': cfg.mlp_dim,
+      'num_hidden_layers': dense + sparse,
+      'first_k_dense_replace': dense,
+      'num_attention_heads': cfg.num_heads,
+      'num_key_value_heads': cfg.num_heads,
+      'q_lora_rank': mla.q_rank or None,
+      'kv_lora_rank': mla.kv_rank,
+      'qk_nope_head_dim': mla.nope_head_dim,
+      'qk_rope_head_dim': mla.rope_head_dim,
+      'v_head_dim': mla.v_head_dim,
+      'rope_interleave': bool(cfg.rope_interleaved),
+      'hidden_act': llama.TO_HF_ACTIVATIONS[cfg.mlp_activation],
+      'max_position_embeddings': cfg.max_len,
+      'rms_norm_eps': cfg.norm_eps,
+      'tie_word_embeddings': cfg.tie_embeddings,
+      'attention_bias': family_lib.qkv_bias(cfg),
+      'attention_dropout': 0.0,
+      'num_nextn_predict_layers': 0,
+      **family_lib.rope_to_hf(cfg),
+  }
+  if sparse:
+    hf_config.update({
+        'n_routed_experts': m.num_experts,
+        'num_experts_per_tok': m.num_experts_per_tok,
+        'moe_intermediate_size': m.expert_mlp_dim or cfg.mlp_dim,
+        'n_shared_experts': m.num_shared_experts,
+        'norm_topk_prob': bool(m.norm_topk_prob),
+        'routed_scaling_factor': m.routed_scaling_factor,
+        'n_group': m.n_group,
+        'topk_group': m.topk_group,
+    })
+  return hf_config
+
+
+def tensors(cfg) -> list[Tensor]:
+  """The mapping table: DeepseekV3ForCausalLM tensor <-> archlab parameter."""
+  rows = [
+      Tensor('model.embed_tokens.weight', (('embed',),)),
+      Tensor('model.norm.weight', (('final_norm', 'scale'),), contract=0),
+  ]
+  if not cfg.tie_embeddings:
+    rows.append(Tensor('lm_head.weight', (('head',),), 'linear'))
+  dense, sparse = layer_kinds(cfg)
+  bias = family_lib.qkv_bias(cfg)
+  for i in range(dense + sparse):
+    h, a, f = f'model.layers.{i}', 2 * i, 2 * i + 1
+    s = f'{h}.self_attn'
+    rows += [
+        Tensor(f'{h}.input_layernorm.weight', ((a, 'norm', 'scale'),), contract=0),
+        LinearTensor(f'{s}.kv_a_proj_with_mqa.weight', ((a, 'op', 'kv_a'), (a, 'op', 'k_rope'))),
+        Tensor(f'{s}.kv_a_layernorm.weight', ((a, 'op', 'kv_a_norm', 'scale'),), contract=0),
+        LinearTensor(f'{s}.kv_b_proj.weight', ((a, 'op', 'k_b'), (a, 'op', 'v_b')),
+                     per_head=cfg.num_heads),
+        Tensor(f'{s}.o_proj.weight', ((a, 'op', 'o'),), 'linear', contract=2),
+        Tensor(f'{h}.post_attention_layernorm.weight', ((f, 'norm', 'scale'),), contract=0),
+    ]
+    if cfg.attention.mla.q_rank:
+      rows += [
+          Tensor(f'{s}.q_a_proj.weight', ((a, 'op', 'q_a'),), 'linear'),
+          Tensor(f'{s}.q_a_layernorm.weight', ((a, 'op', 'q_a_norm', 'scale'),), contract=0),
+          Tensor(f'{s}.q_b_proj.weight', ((a, 'op', 'q_b'),), 'linear'),
+      ]
+      if bias:
+        rows.append(Tensor(f'{s}.q_a_proj.bias', ((a, 'op', 'q_a_bias'),), contract=0))
+    else:
+      rows.append(Tensor(f'{s}.q_proj.weight', ((a, 'op', 'q'),), 'linear'))
+    if bias:
+      rows.append(Tensor(f'{s}.kv_a_proj_with_mqa.bias',
+                         ((a, 'op', 'kv_a_bias'), (a, 'op', 'k_rope_bias')), 'fused', 0))
+    if family_lib.o_bias(cfg):
+      rows.append(Tensor(f'{s}.o_proj.bias', ((a, 'op', 'o_bias'),), contract=0))
+    mlps = [(f'{h}.mlp', (f, 'op'))] if i < dense else [(f'{h}.mlp.shared_experts',
+                                                          (f, 'op', 'shared'))]
+    if i >= dense:
+      rows += [
+          Tensor(f'{h}.mlp.gate.weight', ((f, 'op', 'router'),), 'linear'),
+          Tensor(f'{h}.mlp.gate.e_score_correction_bias', ((f, 'op', 'correction_bias'),),
+                 contract=0),
+      ]
+      mlps += [(f'{h}.mlp.experts.{e}', (f, 'op', e)) for e in range(cfg.moe.num_experts)]
+    for name, ours in mlps:
+      index = ours[-1] if isinstance(ours[-1], int) else None
+      base = ours[:-1] if index is not None else ours
+      rows += [Tensor(f'{name}.{x}_proj.weight', (base + (y,),), 'linear', index=index)
+               for x, y in (('gate', 'wi'), ('up', 'wu'), ('down', 'wo'))]
+  return rows
+
+
+DEEPSEEK_V3 = family_lib.register(family_lib.Family(
+    model_type='deepseek_v3', architecture='DeepseekV3ForCausalLM', prefix='model.',
+    config_to_archlab=config_to_archlab, config_to_hf=config_to_hf, tensors=tensors,
+    # The multi-token-prediction layer of the released checkpoints (transformers skips it).
+    ignored=(r'(model\.)?layers\.61\..*',)))

@@ -1,0 +1,184 @@
+"""GPT-OSS (`model_type='gpt_oss'`, GptOssForCausalLM): sinks, windows, YaRN, biased MoE.
+
+Every layer is attention then a mixture of experts: `layer_types` picks sliding-window (`W`,
+`sliding_window` keys: a query sees keys fewer than that many positions back, as archlab's
+`attention.window`) or global (`A`) attention, so the pattern is e.g. ('WE' + 'AE') * 12.
+Attention has q/k/v/o biases (`attention_bias`) and one learned sink logit per head. The
+router is a biased linear layer; the top k of its logits are softmaxed, which equals
+archlab's softmax router with renormalised top-k weights (exp(l_i) / sum over the k of
+exp(l_j) either way). Experts have biases and GPT-OSS's
+clamped SwiGLU (`model.mlp_activation='swiglu_clamped'`); their gate and up projections are
+stored as one (E, D, 2F) tensor with gate and up interleaved column by column, (in, out)
+like archlab's, not transposed like nn.Linear.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from models.hf import family as family_lib
+from models.hf.family import Tensor
+
+LAYER_TYPES = {'sliding_attention': 'W', 'full_attention': 'A'}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertTensor(Tensor):
+  """An expert tensor with the expert axis first, stored whole and (in, out).
+
+  With two archlab parameters, HF's last axis interleaves them: columns 0, 2, 4, ... are
+  the first (gate), 1, 3, 5, ... the second (up).
+  """
+  kind: str = 'fused'
+
+  def hf_shape(self, shapes):
+    return tuple(shapes[0][:-1]) + (sum(s[-1] for s in shapes),)
+
+  def to_archlab(self, array, shapes):
+    expected = self.hf_shape(shapes)
+    if tuple(array.shape) != expected:
+      raise family_lib.UnsupportedError(f'tensor {self.hf} has shape {tuple(array.shape)}, but '
+                                        f'the config gives {expected}')
+    n = len(shapes)
+    return [array[..., i::n].reshape(s) for i, s in enumerate(shapes)]
+
+  def to_hf(self, arrays):
+    return np.stack(arrays, axis=-1).reshape(arrays[0].shape[:-1] + (-1,))
+
+
+def layer_pattern(hf: family_lib.HfConfig) -> str:
+  """`W` or `A` per layer from `layer_types` (transformers' default: sliding on even layers)."""
+  layers = hf.get('num_hidden_layers', 36)
+  types = hf.get('layer_types') or ['sliding_attention' if (i + 1) % 2 else 'full_attention'
+                                    for i in range(layers)]
+  if len(types) != layers:
+    hf.refuse('layer_types', f'has {len(types)} entries for num_hidden_layers={layers}')
+  for t in types:
+    if t not in LAYER_TYPES:
+      hf.refuse('layer_types', f'has {t!r}; archlab reads {sorted(LAYER_TYPES)}')
+  return ''.join(LAYER_TYPES[t] for t in types)
+
+
+def config_to_archlab(hf: family_lib.HfConfig) -> dict:
+  d, n = hf.get('hidden_size', 2880), hf.get('num_attention_heads', 64)
+  attention = layer_pattern(hf)
+  k = hf.get('num_experts_per_tok', 4)
+  window = hf.get('sliding_window', 0)
+  if 'W' in attention and window <= 0:
+    hf.refuse('sliding_window', 'must be a positive number of positions for sliding_attention '
+              'layers')
+  bias = bool(hf.get('attention_bias', True))
+  intermediate = hf.get('intermediate_size', 2880)
+  return {
+      'pattern': ''.join(a + 'E' for a in attention),
+      'vocab_size': hf.get('vocab_size', 201088),
+      'd_model': d,
+      'num_heads': n,
+      'num_kv_heads': hf.get('num_key_value_heads', n),
+      'head_dim': hf.get('head_dim', d // n),
+      'mlp_dim': intermediate,
+      'mlp_activation': 'swiglu_clamped',
+      'swiglu_limit': float(hf.get('swiglu_limit', 7.0)),
+      'swiglu_alpha': float(hf.get('swiglu_alpha', 1.702)),
+      'norm': 'rmsnorm',
+      'norm_eps': float(hf.get('rms_norm_eps', 1e-5)),
+      'position': 'rope',
+      'max_len': hf.get('max_position_embeddings', 131072),
+      'tie_embeddings': bool(hf.get('tie_word_embeddings', False)),
+      'use_bias': False,
+      'mlp_bias': True,  # the router and every expert projection have biases
+      'attention.qkv_bias': bias,
+      'attention.o_bias': bias,
+      'attention.sinks': True,
+      'attention.window': window if 'W' in attention else 0,
+      'moe.num_experts': hf.get('num_local_experts', 128),
+      'moe.num_experts_per_tok': k,
+      'moe.expert_mlp_dim': intermediate,
+      'moe.router': 'softmax',      # softmax over the top k logits = renormalised top-k softmax
+      'moe.norm_topk_prob': True,
+      # HF's load-balancing loss is k times archlab's (models/layers/moe.py).
+      'moe.aux_loss_weight': float(hf.get('router_aux_loss_coef', 0.001)) * k,
+      **family_lib.rope_fields(hf),
+  }
+
+
+def _pattern_layers(cfg) -> str:
+  """The attention character of each layer; refused unless the pattern is (W|A)E per layer."""
+  p = cfg.pattern
+  if len(p) % 2 or any(a not in 'WA' or e != 'E' for a, e in zip(p[::2], p[1::2])):
+    raise family_lib.UnsupportedError(f'model.pattern={p!r} is not (W|A)E per layer, as GPT-OSS')
+  return p[::2]
+
+
+def config_to_hf(cfg) -> dict:
+  attention = _pattern_layers(cfg)
+  if cfg.mlp_activation != 'swiglu_clamped':
+    raise family_lib.UnsupportedError(f'model.mlp_activation={cfg.mlp_activation!r} cannot be '
+                                      "written as GPT-OSS (swiglu_clamped only)")
+  types = {v: k for k, v in LAYER_TYPES.items()}
+  return {
+      'model_type': 'gpt_oss',
+      'architectures': ['GptOssForCausalLM'],
+      'vocab_size': cfg.vocab_size,
+      'hidden_size': cfg.d_model,
+      'intermediate_size': cfg.moe.expert_mlp_dim or cfg.mlp_dim,
+      'num_hidden_layers': len(attention),
+      'num_attention_heads': cfg.num_heads,
+      'num_key_value_heads': cfg.num_kv_heads,
+      'head_dim': cfg.head_dim or cfg.d_model // cfg.num_heads,
+      'layer_types': [types[a] for a in attention],
+      'sliding_window': cfg.attention.window or None,
+      'num_local_experts': cfg.moe.num_experts,
+      'num_experts_per_tok': cfg.moe.num_experts_per_tok,
+      'router_aux_loss_coef': cfg.moe.aux_loss_weight / cfg.moe.num_experts_per_tok,
+      'swiglu_limit': cfg.swiglu_limit,
+      'swiglu_alpha': cfg.swiglu_alpha,
+      'hidden_act': 'silu',  # unused by GPT-OSS's experts (they apply the clamped SwiGLU)
+      'max_position_embeddings': cfg.max_len,
+      'rms_norm_eps': cfg.norm_eps,
+      'tie_word_embeddings': cfg.tie_embeddings,
+      'attention_bias': family_lib.qkv_bias(cfg),
+      'attention_dropout': 0.0,
+      **family_lib.rope_to_hf(cfg),
+  }
+
+
+def tensors(cfg) -> list[Tensor]:
+  """The mapping table: GptOssForCausalLM tensor <-> archlab parameter."""
+  rows = [
+      Tensor('model.embed_tokens.weight', (('embed',),)),
+      Tensor('model.norm.weight', (('final_norm', 'scale'),), contract=0),
+  ]
+  if not cfg.tie_embeddings:
+    rows.append(Tensor('lm_head.weight', (('head',),), 'linear'))
+  for i in range(len(_pattern_layers(cfg))):
+    h, a, e = f'model.layers.{i}', 2 * i, 2 * i + 1
+    rows += [
+        Tensor(f'{h}.input_layernorm.weight', ((a, 'norm', 'scale'),), contract=0),
+        Tensor(f'{h}.self_attn.q_proj.weight', ((a, 'op', 'q'),), 'linear'),
+        Tensor(f'{h}.self_attn.k_proj.weight', ((a, 'op', 'k'),), 'linear'),
+        Tensor(f'{h}.self_attn.v_proj.weight', ((a, 'op', 'v'),), 'linear'),
+        Tensor(f'{h}.self_attn.o_proj.weight', ((a, 'op', 'o'),), 'linear', contract=2),
+        Tensor(f'{h}.self_attn.sinks', ((a, 'op', 'sinks'),), contract=0),
+        Tensor(f'{h}.post_attention_layernorm.weight', ((e, 'norm', 'scale'),), contract=0),
+        Tensor(f'{h}.mlp.router.weight', ((e, 'op', 'router'),), 'linear'),
+        Tensor(f'{h}.mlp.router.bias', ((e, 'op', 'router_bias'),), contract=0),
+        ExpertTensor(f'{h}.mlp.experts.gate_up_proj', ((e, 'op', 'wi'), (e, 'op', 'wu'))),
+        ExpertTensor(f'{h}.mlp.experts.gate_up_proj_bias',
+                     ((e, 'op', 'wi_bias'), (e, 'op', 'wu_bias'))),
+        ExpertTensor(f'{h}.mlp.experts.down_proj', ((e, 'op', 'wo'),)),
+        ExpertTensor(f'{h}.mlp.experts.down_proj_bias', ((e, 'op', 'wo_bias'),)),
+    ]
+    if family_lib.qkv_bias(cfg):
+      rows += [Tensor(f'{h}.self_attn.{x}_proj.bias', ((a, 'op', f'{x}_bias'),), contract=0)
+               for x in 'qkv']
+    if family_lib.o_bias(cfg):
+      rows.append(Tensor(f'{h}.self_attn.o_proj.bias', ((a, 'op', 'o_bias'),), contract=0))
+  return rows
+
+
+GPT_OSS = family_lib.register(family_lib.Family(
+    model_type='gpt_oss', architecture='GptOssForCausalLM', prefix='model.',
+    config_to_archlab=config_to_archlab, config_to_hf=config_to_hf, tensors=tensors))
