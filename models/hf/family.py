@@ -25,9 +25,11 @@ from configs import common as configs_common
 Path = tuple  # a logical archlab parameter path (see the module docstring)
 
 # Model fields that change how a step computes or how parameters are stored, not the function
-# the parameters compute: they are kept from the caller's config and never compared.
+# the parameters compute: they are kept from the caller's config and never compared. (The MoE
+# side-loss weights are training choices: a family may translate them, but they never refuse.)
 RUNTIME_FIELDS = ('name', 'scan_layers', 'remat', 'dtype', 'param_dtype', 'init_std',
-                  'attention.impl', 'attention.causal_block')
+                  'attention.impl', 'attention.causal_block', 'moe.aux_loss_weight',
+                  'moe.router_z_loss_weight')
 
 
 class UnsupportedError(ValueError):
