@@ -4,7 +4,7 @@ Tier 3 (parity with a reference): a tiny random transformers model (float32, CPU
 imported and run by archlab (max abs logit difference <= 1e-4), then exported and reloaded
 in transformers (same logits). The sequence (24 tokens) is longer than every sliding window
 here, and a window one longer, or norm_topk_prob flipped, changes the logits, so the test
-sees those fields. About 40 s on 2 CPU cores.
+sees those fields. About 45 s of CPU time on 2 cores (2.5 min wall on a shared, loaded machine).
 """
 
 import json
@@ -219,8 +219,9 @@ def _random_params(config):
                          segment_ids_BT=dummy_BT + 1)
   # Perturb norms too (they start at one), so a misplaced norm shows in the logits.
   rng = np.random.RandomState(0)
-  params = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(
-      x, nn.Partitioned) else x, variables['params'], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  boxed = lambda x: isinstance(x, nn.Partitioned)
+  params = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if boxed(x) else x,
+                        variables['params'], is_leaf=boxed)
   return jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.randn(*x.shape).astype(np.float32),
                       params)
 
