@@ -9,5 +9,7 @@ Each supported `model_type` is one module here with a config translation and a m
 
 from models.hf.family import FAMILIES, UnsupportedError
 from models.hf.interop import export_hf, import_hf
+from models.hf import olmo3  # noqa: F401  (registers the family)
+from models.hf import qwen3_moe  # noqa: F401  (registers the family)
 
 __all__ = ['FAMILIES', 'UnsupportedError', 'export_hf', 'import_hf']
