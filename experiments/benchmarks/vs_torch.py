@@ -27,6 +27,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 import flax
 import flax.linen as nn
 import jax
@@ -162,14 +163,16 @@ class TorchDecoder(torch.nn.Module):
     self.final_norm = torch.nn.RMSNorm(d, eps=cfg.norm_eps)
     self.head = None if self.tie else torch.nn.Linear(d, cfg.vocab_size, bias=False)
 
-  def forward(self, inputs, targets):
+  def logits(self, inputs):
     x = self.embed(inputs)
     cos, sin = rope_cos_sin(inputs.shape[1], self.h, self.theta) if self.rope else (None, None)
     for norm, op in zip(self.norms, self.ops):
       x = x + op(norm(x), cos, sin)
     x = self.final_norm(x)
-    logits = F.linear(x, self.embed.weight) if self.tie else self.head(x)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    return F.linear(x, self.embed.weight) if self.tie else self.head(x)
+
+  def forward(self, inputs, targets):
+    return F.cross_entropy(self.logits(inputs).flatten(0, 1), targets.flatten())
 
 
 def copy_params(torch_model: TorchDecoder, params, cfg) -> None:
@@ -193,7 +196,7 @@ def copy_params(torch_model: TorchDecoder, params, cfg) -> None:
 
   def put(dst, value):
     assert dst.shape == value.shape, (dst.shape, value.shape)
-    dst.copy_(torch.from_numpy(np.ascontiguousarray(value, np.float32)))
+    dst.copy_(torch.from_numpy(np.array(value, np.float32)))
 
   with torch.no_grad():
     put(torch_model.embed.weight, get('embed'))
@@ -324,6 +327,10 @@ def measure_seq_len(config, *, repeats: int, steps: int, use_compile: bool,
       parity[f'{name}_loss_init'] = got_init
       parity[f'{name}_loss_after_step'] = got_updated
       parity[f'{name}_first_step_sec'] = time.perf_counter() - start
+      logging.info('seq %d: %s matches archlab (first step %.1f s)', config.data.seq_len, name,
+                   parity[f'{name}_first_step_sec'])
+    if compile_error:
+      logging.warning('seq %d: torch.compile failed: %s', config.data.seq_len, compile_error)
 
     systems = {'archlab': None, **torch_models}
 
@@ -343,9 +350,11 @@ def measure_seq_len(config, *, repeats: int, steps: int, use_compile: bool,
     for name in systems:  # warm-up on the second batch too
       timed(name)
     samples = {name: [] for name in systems}
-    for _ in range(repeats):
+    for i in range(repeats):
       for name in systems:
         samples[name].append(timed(name))
+      logging.info('seq %d, rotation %d/%d: %s', config.data.seq_len, i + 1, repeats,
+                   ', '.join(f'{k} {v[-1]:,.0f}' for k, v in samples.items()))
 
   tokens_per_sec = {name: statistics.median(v) for name, v in samples.items()}
   best_torch = max(v for k, v in tokens_per_sec.items() if k != 'archlab')

@@ -1,0 +1,157 @@
+"""experiments/benchmarks/vs_torch.py compares the same computation: its PyTorch decoder with
+archlab's weights copied in gives archlab's logits, loss and optimizer trajectory.
+
+Tiny models (d_model 32, 2 layers, seq 16, batch 2); skipped without torch. About 30 s on 2 cores.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+
+import flax  # noqa: E402
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from configs import transformer  # noqa: E402
+from experiments.benchmarks import vs_torch  # noqa: E402
+import models  # noqa: E402
+from tests.conftest import tiny_model_config  # noqa: E402
+from trainer import loop  # noqa: E402
+from trainer import optim  # noqa: E402
+
+TINY = dict(d_model=32, pattern='AFAF', num_heads=4, num_kv_heads=2, mlp_dim=64)
+
+
+def random_params(cfg, seed=0):
+  """archlab's parameter tree with weights large enough that logits are far from uniform:
+  normal / sqrt(fan-in) matrices (embedding rows of unit scale), norm scales around 1."""
+  model = models.build(cfg)
+  dummy_BT = jnp.zeros((1, 8), jnp.int32)
+  params = nn.meta.unbox(model.init(jax.random.key(seed), dummy_BT, positions_BT=dummy_BT,
+                                    segment_ids_BT=dummy_BT + 1)['params'])
+  flat = flax.traverse_util.flatten_dict(params)
+  rng = np.random.default_rng(seed)
+  out = {}
+  for path, leaf in flat.items():
+    shape = leaf.shape
+    if path[-1] == 'scale':
+      out[path] = 1.0 + 0.2 * rng.standard_normal(shape)
+    elif path[-1] == 'embed':
+      out[path] = rng.standard_normal(shape)
+    else:
+      layer_axes = 1 if path[0] == 'blocks' else 0
+      fan_in = shape[layer_axes] * (shape[layer_axes + 1] if path[-1] == 'o' else 1)
+      out[path] = rng.standard_normal(shape) / np.sqrt(fan_in)
+  return model, flax.traverse_util.unflatten_dict(
+      {k: jnp.asarray(v, jnp.float32) for k, v in out.items()})
+
+
+@pytest.mark.parametrize('tie,scan,kv_heads', [(False, False, 2), (True, True, 1)])
+def test_torch_decoder_logits_match_archlab(tie, scan, kv_heads):
+  cfg = tiny_model_config(**{**TINY, "num_kv_heads": kv_heads}, tie_embeddings=tie, scan_layers=scan)
+  model, params = random_params(cfg)
+  rng = np.random.default_rng(1)
+  tokens_BT = rng.integers(0, cfg.vocab_size, (2, 16))
+  positions_BT = np.broadcast_to(np.arange(16), (2, 16))
+  logits_BTV, _ = model.apply({'params': params}, jnp.asarray(tokens_BT),
+                              positions_BT=jnp.asarray(positions_BT),
+                              segment_ids_BT=jnp.ones((2, 16), jnp.int32))
+  torch_model = vs_torch.TorchDecoder(model.cfg)
+  vs_torch.copy_params(torch_model, params, model.cfg)
+  with torch.no_grad():
+    got = torch_model.logits(torch.from_numpy(tokens_BT)).numpy()
+  want = np.asarray(logits_BTV)
+  assert want.std() > 1.0  # the check means something: logits far from uniform
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def test_unsupported_config_names_the_field():
+  cfg = tiny_model_config(**TINY, norm='layernorm')
+  with pytest.raises(ValueError, match=r'model\.norm=.layernorm.'):
+    vs_torch.TorchDecoder(cfg)
+
+
+def write_corpus(directory):
+  directory.mkdir()
+  for name in ('textwrap.py', 'shlex.py', 'glob.py', 'fnmatch.py', 'bisect.py', 'getopt.py'):
+    source = os.path.join(os.path.dirname(os.__file__), name)
+    (directory / (name + '.txt')).write_text(open(source).read())
+  return str(directory / '*.txt')
+
+
+def tiny_config(tmp_path, **optim_fields):
+  config = transformer.get_config('preset=llama_small')
+  config.model.update(TINY)
+  config.data.corpus, config.data.paths = 'text', write_corpus(tmp_path / 'corpus')
+  config.data.val_fraction, config.data.eval_batches = 0.3, 1
+  config.data.seq_len, config.train.batch_size = 16, 2
+  config.optim.warmup_steps = 0
+  config.optim.update(optim_fields)
+  return config
+
+
+def test_training_steps_match_archlab(tmp_path):
+  """Four steps of the trainer's jitted step and of the benchmark's torch step, same losses.
+
+  A large learning rate and weight decay and a small clip norm make the decay mask, the
+  schedule and the clipping visible in the loss.
+  """
+  config = tiny_config(tmp_path, lr=2e-2, weight_decay=2.0, grad_clip=0.3)
+  run = loop.setup(config, workdir=None)
+  batches = [vs_torch.one_document_rows(next(run.data.train_iter)) for _ in range(2)]
+  _, schedule = optim.make_optimizer(config.optim, run.total_steps)
+  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+    state = run.init_state(jax.random.key(0))
+    torch_model = vs_torch.TorchDecoder(run.model.cfg)
+    vs_torch.copy_params(torch_model, state['params'], run.model.cfg)
+    opt, sched = vs_torch.make_torch_optimizer(torch_model, config.optim, schedule, run.total_steps)
+    want, got = [], []
+    for i in range(4):
+      state, metrics = run.train_step(state, loop.to_global(run, batches[i % 2]))
+      want.append(float(metrics['loss']))
+      batch = {k: torch.from_numpy(batches[i % 2][k].astype(np.int64)) for k in ('inputs', 'targets')}
+      got.append(vs_torch.torch_step(torch_model, opt, sched, batch, config.optim.grad_clip))
+  assert float(metrics['grad_norm']) > config.optim.grad_clip  # clipping was active
+  assert abs(want[2] - want[0]) > 0.1  # the updates changed the loss
+  assert vs_torch.relative(got[0], want[0]) < 1e-5, (got, want)
+  for g, w in zip(got[1:], want[1:]):
+    assert vs_torch.relative(g, w) < 1e-4, (got, want)
+
+
+def test_benchmark_runs_and_reports(tmp_path, monkeypatch):
+  """The benchmark's whole path at tiny size; torch.compile is made to fail (compiling takes
+  minutes here), which the report must say instead of crashing."""
+  def failing_compile(model, **kwargs):
+    def call(*args, **kw):
+      raise RuntimeError('inductor is unavailable in this test')
+    return call
+  monkeypatch.setattr(torch, 'compile', failing_compile)
+  config = tiny_config(tmp_path)
+  results = vs_torch.benchmark(config, [16], 64, repeats=1, steps=1, use_compile=True)
+  assert [(r['seq_len'], r['batch_size']) for r in results['by_seq_len']] == [(16, 4)]
+  for r in results['by_seq_len']:
+    assert set(r['tokens_per_sec']) == {'archlab', 'torch eager'}
+    assert all(v > 0 for v in r['tokens_per_sec'].values())
+    assert r['ratio'] == pytest.approx(r['tokens_per_sec']['archlab'] / r['tokens_per_sec']['torch eager'])
+    assert 'inductor is unavailable' in r['compile_error']
+  report = vs_torch.format_report(results)
+  assert 'torch.compile failed at seq 16' in report and 'target 1.25x' in report
+  assert f'{results["by_seq_len"][0]["tokens_per_sec"]["archlab"]:,.0f}' in report
+
+
+def test_benchmark_stops_when_the_models_differ(tmp_path, monkeypatch):
+  copy = vs_torch.copy_params
+
+  def wrong_copy(torch_model, params, cfg):
+    copy(torch_model, params, cfg)
+    with torch.no_grad():
+      torch_model.head.weight.mul_(3.0)
+  monkeypatch.setattr(vs_torch, 'copy_params', wrong_copy)
+  config = tiny_config(tmp_path)
+  config.train.batch_size = 2
+  with pytest.raises(vs_torch.ParityError, match='torch eager loss at the initial weights'):
+    vs_torch.measure_seq_len(config, repeats=1, steps=1, use_compile=False, update_rtol=1e-3)
