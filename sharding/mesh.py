@@ -59,3 +59,25 @@ def maybe_initialize_distributed() -> None:
   logging.info('distributed: process %d of %d, %d local / %d global devices',
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
+
+
+def check_batch_split(batch_sharding, batch_size: int, process_count: int) -> None:
+  """Checks that the batch axes give each process its own batch_size / process_count rows.
+
+  The input pipeline has each process read a distinct share of every global batch, and
+  `jax.make_array_from_process_local_data` places it on the process's devices; a mesh whose
+  batch is replicated across processes (e.g. a `tensor` axis spanning hosts) would silently
+  mix different rows into one "replicated" array, so it is refused here.
+  """
+  if process_count == 1:
+    return
+  rows = {}
+  for device, index in batch_sharding.devices_indices_map((batch_size, 1)).items():
+    rows.setdefault(device.process_index, set()).update(range(*index[0].indices(batch_size)))
+  share = batch_size // process_count
+  if len(rows) != process_count or any(len(r) != share for r in rows.values()) or (
+      len(set().union(*rows.values())) != batch_size):
+    raise ValueError(f'config.mesh {dict(batch_sharding.mesh.shape)}: the batch axes (data, '
+                     f'fsdp, expert) must split train.batch_size={batch_size} into '
+                     f'{process_count} distinct shares of {share} rows, one per process; keep '
+                     f'`tensor` within a host')

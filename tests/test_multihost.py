@@ -6,6 +6,7 @@ batch, and both write one orbax checkpoint into the same workdir. The losses of 
 the checkpointed parameters must match the single-process run on 8 forced devices.
 """
 
+import importlib.util
 import json
 import os
 import socket
@@ -147,3 +148,37 @@ def test_two_processes_match_one(tmp_path):
     np.testing.assert_allclose(params_multi[name], value, rtol=RTOL, atol=1e-7, err_msg=name)
   # The runs trained (equal parameters are not just equal initialisations).
   assert train_single[6] < train_single[1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                    reason='needs libtpu (requirements-tpu.txt) for a two-host device set')
+def test_batch_must_split_over_processes():
+  """A mesh that replicates the batch across hosts is refused (libtpu's 2-host v5e:2x4)."""
+  os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from sharding import aot  # pylint: disable=g-import-not-at-top
+  from sharding import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from sharding import rules as rules_lib  # pylint: disable=g-import-not-at-top
+
+  devices = aot.topology_devices('v5e', (2, 4))
+  assert sorted({d.process_index for d in devices}) == [0, 1]
+
+  def batch_sharding(order=devices, **sizes):
+    mesh_config = ml_collections.ConfigDict(dict(dict(data=1, fsdp=1, tensor=1, expert=1), **sizes))
+    mesh = jax.sharding.Mesh(np.array(order).reshape(mesh_lib.mesh_shape(mesh_config, 8)),
+                             rules_lib.MESH_AXES)
+    return nn.logical_to_mesh_sharding(jax.sharding.PartitionSpec('batch', 'length'), mesh,
+                                       rules_lib.get_rules('fsdp'))
+
+  mesh_lib.check_batch_split(batch_sharding(data=8), 16, 2)
+  mesh_lib.check_batch_split(batch_sharding(fsdp=2, tensor=4), 16, 2)  # tensor within a host
+  with pytest.raises(ValueError, match=r'must split train.batch_size=16 into 2 distinct shares'):
+    mesh_lib.check_batch_split(batch_sharding(tensor=8), 16, 2)
+  # Each tensor pair holds one device of each host: both hosts would need every row.
+  by_host = [[d for d in devices if d.process_index == p] for p in (0, 1)]
+  across = [d for pair in zip(*by_host) for d in pair]
+  mesh_lib.check_batch_split(batch_sharding(order=across, data=8), 16, 2)
+  with pytest.raises(ValueError, match=r'keep `tensor` within a host'):
+    mesh_lib.check_batch_split(batch_sharding(order=across, data=4, tensor=2), 16, 2)
