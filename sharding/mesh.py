@@ -52,13 +52,25 @@ def maybe_initialize_distributed() -> None:
         coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
         num_processes=int(env['JAX_NUM_PROCESSES']),
         process_id=int(env['JAX_PROCESS_ID']))
-  elif int(env.get('SLURM_NTASKS', '1')) > 1 or 'TPU_WORKER_HOSTNAMES' in env or 'MEGASCALE_COORDINATOR_ADDRESS' in env:
+  elif (int(env.get('SLURM_NTASKS', '1')) > 1 or 'TPU_WORKER_HOSTNAMES' in env
+        or 'MEGASCALE_COORDINATOR_ADDRESS' in env or _tpu_chips_attached()):
+    # On a Cloud TPU VM jax finds the slice's hosts from the metadata server (one host is
+    # fine too); orbax's asynchronous multi-host checkpoints need the distributed runtime.
     jax.distributed.initialize()
   else:
     return
   logging.info('distributed: process %d of %d, %d local / %d global devices',
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
+
+
+def _tpu_chips_attached() -> bool:
+  """True on a TPU VM (TPU chips on the PCI bus), by jax's own check."""
+  try:
+    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+  except (ImportError, AttributeError, OSError):  # a private helper: if it moves, rely on env
+    return False
 
 
 def check_batch_split(batch_sharding, batch_size: int, process_count: int) -> None:
