@@ -132,9 +132,10 @@ class Decoder(nn.Module):
     unit, repeats = split_pattern(cfg.pattern)
     block = Block
     policy = REMAT_POLICIES[cfg.remat]
-    if cfg.remat != 'none':
-      block = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers and repeats > 1:
+    scan = cfg.scan_layers and repeats > 1
+    if cfg.remat != 'none':  # CSE could undo the remat outside a scan (jax.checkpoint docs)
+      block = nn.remat(Block, policy=policy, prevent_cse=not scan)
+    if scan:
       # Every variable collection is per layer: parameters and the MoE routing biases.
       scanned = nn.scan(block, variable_axes={'params': 0, moe.BIAS_COLLECTION: 0},
                         split_rngs={'params': True},

@@ -4,7 +4,21 @@ Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with sharded param
 optimizer state), `tensor` (Megatron-style within a layer), `expert` (experts; data
 parallel outside the MoE layers). Rules are tried in order; flax skips a mesh axis already
 used by another dimension of the same array, so `embed -> fsdp` shards parameters but not
-activations whose batch dimension already took `fsdp`.
+activations whose batch dimension already took `fsdp`, and `latent -> fsdp` shards MLA's
+up-projections (latent, heads, head_dim), which have no `embed` dimension, while the
+down-projections (embed, latent) stay sharded by `embed`.
+
+  logical axis        dp      fsdp    fsdp_tp   fsdp_ep
+  batch               data, fsdp, expert (every preset)
+  embed               -       fsdp    fsdp      fsdp
+  latent (MLA rank)   -       fsdp    fsdp      fsdp
+  heads, kv_heads     -       -       tensor    -
+  mlp                 -       -       tensor    -
+  vocab               -       -       tensor    -
+  experts             -       -       -         expert
+  length, head_dim, norm, layers, position, state: replicated
+
+Axes the rules do not name (or a mesh axis of size 1) leave that dimension replicated.
 """
 
 from __future__ import annotations
@@ -17,17 +31,17 @@ _REPLICATED = (('length', None), ('head_dim', None), ('norm', None), ('layers', 
 
 PRESETS = {
     'dp': (('batch', BATCH),) + _REPLICATED + (
-        ('embed', None), ('heads', None), ('kv_heads', None), ('mlp', None), ('vocab', None),
-        ('experts', None)),
+        ('embed', None), ('latent', None), ('heads', None), ('kv_heads', None),
+        ('mlp', None), ('vocab', None), ('experts', None)),
     'fsdp': (('batch', BATCH),) + _REPLICATED + (
-        ('embed', 'fsdp'), ('heads', None), ('kv_heads', None), ('mlp', None), ('vocab', None),
-        ('experts', None)),
+        ('embed', 'fsdp'), ('latent', 'fsdp'), ('heads', None), ('kv_heads', None),
+        ('mlp', None), ('vocab', None), ('experts', None)),
     'fsdp_tp': (('batch', BATCH),) + _REPLICATED + (
-        ('embed', 'fsdp'), ('heads', 'tensor'), ('kv_heads', 'tensor'), ('mlp', 'tensor'),
-        ('vocab', 'tensor'), ('experts', None)),
+        ('embed', 'fsdp'), ('latent', 'fsdp'), ('heads', 'tensor'), ('kv_heads', 'tensor'),
+        ('mlp', 'tensor'), ('vocab', 'tensor'), ('experts', None)),
     'fsdp_ep': (('batch', BATCH),) + _REPLICATED + (
-        ('experts', 'expert'), ('embed', 'fsdp'), ('heads', None), ('kv_heads', None),
-        ('mlp', None), ('vocab', None)),
+        ('experts', 'expert'), ('embed', 'fsdp'), ('latent', 'fsdp'), ('heads', None),
+        ('kv_heads', None), ('mlp', None), ('vocab', None)),
 }
 
 
