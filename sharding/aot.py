@@ -209,6 +209,10 @@ def plan(config, topology: str) -> dict:
   devices_per_chip = len(devices) // chips  # v4 shows each chip's two TensorCores as devices
   hbm_per_chip = chip.hbm_per_device * devices_per_chip
   train_jit, state, batch, mesh, rules, info = build_step(config, devices)
+  result = dict(topology=f'{chip_name}:{"x".join(map(str, dims))}', chip=chip_name,
+                device_kind=devices[0].device_kind, chips=chips, devices=len(devices),
+                hosts=len({d.process_index for d in devices}), mesh=dict(mesh.shape),
+                hbm_per_chip=hbm_per_chip, **info)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     lowered = train_jit.lower(state, batch)
     try:
@@ -220,12 +224,8 @@ def plan(config, topology: str) -> dict:
       # how much the program needs per device.
       first = str(e).strip().splitlines()[0]
       needed = re.search(r'\(([\d.]+)G\) exceeds available HBM', first)
-      return dict(topology=f'{chip_name}:{"x".join(map(str, dims))}', chips=chips,
-                  device_kind=devices[0].device_kind, devices=len(devices),
-                  hosts=len({d.process_index for d in devices}), mesh=dict(mesh.shape),
-                  hbm_per_chip=hbm_per_chip, fits=False, compile_error=first,
-                  needed_per_chip=(float(needed.group(1)) * GiB * devices_per_chip
-                                   if needed else None), **info)
+      return dict(result, fits=False, compile_error=first, needed_per_chip=(
+          float(needed.group(1)) * GiB * devices_per_chip if needed else None))
   memory = compiled.memory_analysis()
   per_device = dict(arguments=memory.argument_size_in_bytes, outputs=memory.output_size_in_bytes,
                     aliased=memory.alias_size_in_bytes, temporaries=memory.temp_size_in_bytes,
@@ -237,14 +237,10 @@ def plan(config, topology: str) -> dict:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  xla_flops = float(cost.get('flops', 0.0)) * len(devices) if cost else None
-  return dict(
-      topology=f'{chip_name}:{"x".join(map(str, dims))}', chip=chip_name, device_kind=devices[0].device_kind,
-      chips=chips, devices=len(devices), hosts=len({d.process_index for d in devices}),
-      mesh=dict(mesh.shape), hbm_per_chip=hbm_per_chip, memory_per_chip=per_chip,
-      fits=per_chip['total'] <= hbm_per_chip, xla_flops_per_step=xla_flops,
-      peak_flops=chip.peak_bf16 * chips, collectives=count_collectives(compiled.as_text()),
-      **info)
+  xla_flops = float(cost['flops']) * len(devices) if cost and 'flops' in cost else None
+  return dict(result, memory_per_chip=per_chip, fits=per_chip['total'] <= hbm_per_chip,
+              xla_flops_per_step=xla_flops, peak_flops=chip.peak_bf16 * chips,
+              collectives=count_collectives(compiled.as_text()))
 
 
 def _gib(x: float) -> str:
@@ -288,7 +284,7 @@ def format_plan(p: dict) -> str:
   ]
   analytic = p['analytic_flops_per_step']
   seconds = analytic / p['peak_flops']
-  lines.append(f'FLOPs per step: {analytic:.3e} analytic (6N + attention), at the chips\' bf16 '
+  lines.append(f'FLOPs per step: {analytic:.3e} analytic (3 x forward, trainer/flops.py); at the chips\' bf16 '
                f'peak >= {_duration(seconds)} per step')
   if p['xla_flops_per_step']:
     note = (' (scanned layers: XLA counts the repeated block once)' if p['scan_layers'] else '')
