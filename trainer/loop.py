@@ -152,8 +152,31 @@ def make_step_fns(model, tx, schedule, objective, config, token_bytes_V):
   return train_step, eval_step
 
 
-def setup(config, workdir: str | None) -> Run:
-  """Builds data, model, optimizer and the jitted functions (no state is created yet)."""
+def check_divisible(state_sharding, abstract, mesh, batch_size: int) -> None:
+  """One-line errors for a layout the mesh cannot hold: a sharded dimension (or the batch)
+  that does not divide by its mesh axes, before jit fails with a long message."""
+  rows = mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['expert']
+  if batch_size % rows:
+    raise ValueError(f'train.batch_size={batch_size} does not divide by the batch mesh axes '
+                     f'data x fsdp x expert = {rows}; change config.mesh or train.batch_size')
+  flat_sharding = dict(jax.tree_util.tree_leaves_with_path(state_sharding))
+  for path, leaf in jax.tree_util.tree_leaves_with_path(nn.meta.unbox(abstract)):
+    sharding = flat_sharding[path]
+    for dim, (size, axes) in enumerate(zip(leaf.shape, sharding.spec)):
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      ways = int(np.prod([mesh.shape[a] for a in axes]))
+      if size % ways:
+        name = jax.tree_util.keystr(path, simple=True, separator='/')
+        raise ValueError(f'{name} {tuple(leaf.shape)}: dimension {dim} ({size}) does not divide '
+                         f'by mesh axes {"x".join(axes)} = {ways}; change config.mesh or '
+                         f'config.sharding_rules')
+
+
+def setup(config, workdir: str | None, devices=None) -> Run:
+  """Builds data, model, optimizer and the jitted functions (no state is created yet).
+
+  `devices` (default: all) is the set the mesh is laid over; `config.mesh` must fit it.
+  """
   config = ml_collections.ConfigDict(config.to_dict())
   if config.get('init_from'):  # checks the model against the checkpoint, takes its tokenizer
     hf_init_from.prepare(config)
@@ -162,7 +185,7 @@ def setup(config, workdir: str | None) -> Run:
   if t.batch_size <= 0 or t.batch_size % t.grad_accum:
     raise ValueError(f'train.batch_size={t.batch_size} must be a positive multiple of '
                      f'train.grad_accum={t.grad_accum}')
-  mesh = mesh_lib.make_mesh(config.mesh)
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
   rules = rules_lib.get_rules(config.sharding_rules)
   data = input_pipeline.build_datasets(
       config.data, global_batch_size=t.batch_size, workdir=workdir,
@@ -189,6 +212,8 @@ def setup(config, workdir: str | None) -> Run:
     state_sharding = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
   batch_sharding = nn.logical_to_mesh_sharding(jax.sharding.PartitionSpec('batch', 'length'),
                                                mesh, rules)
+  mesh_lib.check_batch_split(batch_sharding, t.batch_size, jax.process_count())
+  check_divisible(state_sharding, abstract, mesh, t.batch_size)
   train_step, eval_step = make_step_fns(model, tx, schedule, objective, config, token_bytes_V)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -202,6 +227,15 @@ def setup(config, workdir: str | None) -> Run:
              train_flops_per_step=train_fpt * tokens_per_step, state_sharding=state_sharding,
              batch_sharding=batch_sharding, train_step=train_jit, eval_step=eval_jit,
              init_state=init_jit)
+
+
+def abstract_state(run: Run):
+  """The state's shapes and dtypes with this run's shardings: what a checkpoint restores
+  into (a checkpoint written under another mesh is resharded to these) and what AOT
+  compilation lowers against."""
+  shapes = nn.meta.unbox(jax.eval_shape(run.init_state, jax.random.key(0)))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                      run.state_sharding)
 
 
 def to_global(run: Run, local_batch: dict) -> dict:
@@ -234,9 +268,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   is_main = jax.process_index() == 0
 
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            nn.meta.unbox(jax.eval_shape(run.init_state, jax.random.key(t.seed))),
-                            run.state_sharding)
+    abstract = abstract_state(run)
     if latest is not None:
       state, data_state = checkpoint.restore(mngr, latest, abstract)
       run.data.train_iter.set_state(data_state)

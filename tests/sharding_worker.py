@@ -1,0 +1,312 @@
+"""Sharded training steps on forced CPU devices, in a process of their own, for the sharding tests.
+
+  python -m tests.sharding_worker TASK --out=result.json [--devices=8] [--families=llama,...]
+
+XLA_FLAGS must force the device count before jax is first imported, and tests/conftest.py
+imports jax for every test file, so the tests run this module in a subprocess (`run`) and
+compare the JSON it writes. Tasks:
+
+  steps        one training step of each `--cases` family:preset pair (default: all) and of
+               each family on one device
+  collectives  all-reduce / all-gather / reduce-scatter counts of the compiled step, dp vs fsdp
+  tables       parameter PartitionSpecs per family under fsdp_tp; `--write` rewrites
+               tests/sharding_tables/<family>.json (how to regenerate the checked-in tables)
+  train        train_and_evaluate in a workdir (`--workdir --mesh --steps`), for the
+               reshardable-checkpoint test; also restores `--restore_step` under this mesh
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TABLES_DIR = os.path.join(ROOT, 'tests', 'sharding_tables')
+
+
+def run(task: str, *args: str, devices: int = 8, timeout: int = 600) -> dict:
+  """Runs a task of this module in a fresh process with `devices` CPU devices; its JSON."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, 'out.json')
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+    env.pop('XLA_FLAGS', None)
+    cmd = [sys.executable, '-m', 'tests.sharding_worker', task, f'--out={out}',
+           f'--devices={devices}', *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    if proc.returncode:
+      raise AssertionError(f'{" ".join(cmd[2:])} failed:\n{proc.stderr[-4000:]}')
+    with open(out) as f:
+      return json.load(f)
+
+
+if __name__ == '__main__':  # before jax is imported
+  _devices = next((a.split('=')[1] for a in sys.argv if a.startswith('--devices=')), '8')
+  os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={_devices}'
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+
+# pylint: disable=wrong-import-position
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+
+from configs import transformer  # noqa: E402
+from configs import common  # noqa: E402
+from trainer import checkpoint  # noqa: E402
+from trainer import loop  # noqa: E402
+
+jax.config.update('jax_disable_most_optimizations', True)
+
+# Each family as a tiny model: width 32, 4 heads, one or two repeats of its unit, 16 tokens.
+FAMILIES = {
+    'gpt2': ('gpt2_tiny', {'model.pattern': 'AFAF'}),
+    'llama': ('llama_tiny', {'model.pattern': 'AFAF'}),
+    'qwen3': ('qwen3_tiny', {'model.pattern': 'AFAF'}),
+    'gpt_oss': ('gpt_oss_tiny', {'model.pattern': 'WEAE', 'model.attention.window': 8,
+                                 'model.moe.expert_mlp_dim': 32}),
+    'deepseek_v3': ('deepseek_v3_tiny', {
+        'model.pattern': 'AFAE', 'model.moe.expert_mlp_dim': 32,
+        'model.attention.mla': dict(q_rank=32, kv_rank=16, nope_head_dim=8, rope_head_dim=8,
+                                    v_head_dim=8)}),
+}
+# Rules preset -> mesh over 8 devices.
+MESHES = {
+    'dp': dict(data=8, fsdp=1, tensor=1, expert=1),
+    'fsdp': dict(data=1, fsdp=8, tensor=1, expert=1),
+    'fsdp_tp': dict(data=1, fsdp=4, tensor=2, expert=1),
+    'fsdp_ep': dict(data=1, fsdp=2, tensor=1, expert=4),
+}
+# Adam's first step is lr * g / (|g| + eps): with the default eps=1e-8, gradient entries near
+# zero turn float32 rounding (which differs with the layout) into steps of size lr. eps=1e-6
+# keeps the step a smooth function of the gradient, so the comparison sees the sharding.
+STEP_FIELDS = {'optim.eps': 1e-6}
+ONE_DEVICE = dict(data=1, fsdp=1, tensor=1, expert=1)
+COLLECTIVE = re.compile(r'= \S+ (all-reduce|all-gather|reduce-scatter|all-to-all|'
+                        r'collective-permute)(?:-start)?\(')
+
+
+def write_corpus(directory: str) -> str:
+  """A small deterministic text corpus (enough rows for the train and validation splits)."""
+  os.makedirs(directory, exist_ok=True)
+  rng = np.random.default_rng(0)
+  words = ['alpha', 'beta', 'gamma', 'delta', 'shard', 'mesh', 'tensor', 'expert', 'layer']
+  for i in range(24):
+    with open(os.path.join(directory, f'doc{i:02d}.txt'), 'w') as f:
+      f.write(' '.join(rng.choice(words, 200)))
+  return os.path.join(directory, '*.txt')
+
+
+def family_config(family: str, corpus_glob: str, *, rules='fsdp', mesh=None, **fields):
+  """The run config of a family's tiny model: batch 8 x 16 tokens, constant lr from step 0."""
+  preset, overrides = FAMILIES[family]
+  config = transformer.get_config(f'preset={preset},runlocal')
+  values = {'model.d_model': 32, 'model.num_heads': 4, 'model.mlp_dim': 64,
+            'data.seq_len': 16, 'data.corpus': 'text', 'data.paths': corpus_glob,
+            'data.eval_batches': 1, 'train.batch_size': 8, 'train.steps': 1,
+            'train.progress_bar': False, 'optim.warmup_steps': 0, 'optim.schedule': 'constant',
+            'peak_flops': 1e11, 'sharding_rules': rules, 'mesh': dict(mesh or ONE_DEVICE)}
+  values.update(overrides)
+  values.update(fields)
+  for key, value in values.items():
+    if isinstance(value, dict):
+      common.get_field(config, key).update(value)
+    else:
+      common.set_field(config, key, value)
+  return config
+
+
+def flat(tree) -> dict:
+  return {jax.tree_util.keystr(p, simple=True, separator='/'): x
+          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def spec_str(sharding) -> str:
+  return str(tuple(sharding.spec))
+
+
+def batch_for(seed: int = 0, batch: int = 8, length: int = 16, vocab: int = 256) -> dict:
+  """Random tokens, two documents a row (positions restart, segment ids 1 and 2)."""
+  rng = np.random.default_rng(seed)
+  inputs = rng.integers(0, vocab, (batch, length)).astype(np.int32)
+  segments = np.where(np.arange(length) < length // 2, 1, 2).astype(np.int32)
+  positions = np.arange(length) - (segments - 1) * (length // 2)
+  return {'inputs': inputs, 'targets': np.roll(inputs, -1, 1),
+          'positions': np.broadcast_to(positions, (batch, length)).astype(np.int32),
+          'segment_ids': np.broadcast_to(segments, (batch, length)).copy(),
+          'weights': np.ones((batch, length), np.float32)}
+
+
+def one_step(config, devices, workdir, init=None):
+  """(run, initial state, state after one step, metrics) through the loop's own setup;
+  the initial state is `init` laid out on this run's mesh, or the run's own init."""
+  run_ = loop.setup(config, workdir, devices=devices)
+  with jax.set_mesh(run_.mesh), nn.logical_axis_rules(run_.rules):
+    if init is None:
+      state = run_.init_state(jax.random.key(config.train.seed))
+      init = jax.device_get(state)
+    else:
+      state = jax.device_put(init, run_.state_sharding)
+    new, metrics = run_.train_step(state, loop.to_global(run_, batch_for()))
+    return run_, init, jax.device_get(new), jax.device_get(metrics)
+
+
+def rel_diff(a: dict, b: dict) -> float:
+  """|a - b| / |b| over the whole tree (2-norms): per leaf, a leaf whose gradient is zero in
+  exact arithmetic (GPT-2's key bias: softmax ignores a constant per query) holds only
+  rounding noise, which no layout reproduces."""
+  num = sum(float(np.sum(np.square(np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64))))
+            for k in b)
+  den = sum(float(np.sum(np.square(np.asarray(b[k], np.float64)))) for k in b)
+  return (num / den) ** 0.5 if den else num ** 0.5
+
+
+def task_steps(args) -> dict:
+  corpus = write_corpus(os.path.join(args.tmp, 'corpus'))
+  cases = {}
+  for case in args.cases.split(','):
+    family, preset = case.split(':')
+    cases.setdefault(family, []).append(preset)
+  out = {}
+  for family, presets in cases.items():
+    _, ref_init, ref_new, ref_m = one_step(family_config(family, corpus, **STEP_FIELDS),
+                                           jax.devices()[:1], args.tmp)
+    ref_params, ref_init_p = flat(ref_new['params']), flat(ref_init['params'])
+    ref_update = {k: ref_params[k] - ref_init_p[k] for k in ref_params}
+    res = {'single': {'loss': float(ref_m['loss']), 'grad_norm': float(ref_m['grad_norm'])}}
+    for preset in presets:
+      config = family_config(family, corpus, rules=preset, mesh=MESHES[preset], **STEP_FIELDS)
+      run_, init, new, m = one_step(config, jax.devices(), args.tmp, init=ref_init)
+      params, init_p = flat(new['params']), flat(init['params'])
+      update = {k: params[k] - init_p[k] for k in params}
+      specs = {k: spec_str(s) for k, s in flat(run_.state_sharding['params']).items()}
+      res[preset] = {
+          'loss': float(m['loss']), 'grad_norm': float(m['grad_norm']),
+          'params': rel_diff(params, ref_params),
+          'update': rel_diff(update, ref_update),
+          'opt_state': rel_diff(flat(new['opt_state']), flat(ref_new['opt_state'])),
+          'moved': rel_diff(params, init_p),
+          'collections': rel_diff(flat(new['collections']), flat(ref_new['collections'])),
+          'collections_moved': rel_diff(flat(new['collections']), flat(init['collections'])),
+          'specs': specs,
+      }
+    out[family] = res
+  return out
+
+
+def param_specs(family: str, corpus: str, tmp: str) -> dict:
+  config = family_config(family, corpus, rules='fsdp_tp', mesh=MESHES['fsdp_tp'])
+  run_ = loop.setup(config, tmp)
+  return {k: spec_str(s) for k, s in flat(run_.state_sharding['params']).items()}
+
+
+def task_tables(args) -> dict:
+  corpus = write_corpus(os.path.join(args.tmp, 'corpus'))
+  out = {f: param_specs(f, corpus, args.tmp) for f in args.families.split(',')}
+  if args.write:
+    os.makedirs(TABLES_DIR, exist_ok=True)
+    for family, table in out.items():
+      with open(os.path.join(TABLES_DIR, f'{family}.json'), 'w') as f:
+        json.dump({'family': family, 'preset': FAMILIES[family][0], 'rules': 'fsdp_tp',
+                   'mesh': MESHES['fsdp_tp'], 'params': table}, f, indent=1, sort_keys=True)
+        f.write('\n')
+  return out
+
+
+def count_collectives(hlo: str) -> dict:
+  counts = {}
+  for op in COLLECTIVE.findall(hlo):
+    counts[op] = counts.get(op, 0) + 1
+  return counts
+
+
+def task_collectives(args) -> dict:
+  corpus = write_corpus(os.path.join(args.tmp, 'corpus'))
+  out = {}
+  for family in args.families.split(','):
+    for preset in ('dp', 'fsdp'):
+      run_ = loop.setup(family_config(family, corpus, rules=preset, mesh=MESHES[preset]), args.tmp)
+      with jax.set_mesh(run_.mesh), nn.logical_axis_rules(run_.rules):
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=run_.batch_sharding)
+                 for k, v in batch_for().items()}
+        hlo = run_.train_step.lower(loop.abstract_state(run_), batch).compile().as_text()
+      specs = flat(run_.state_sharding['params'])
+      out[f'{family}/{preset}'] = {
+          'counts': count_collectives(hlo),
+          'params': len(specs),
+          'fsdp_sharded_params': sum('fsdp' in spec_str(s) for s in specs.values()),
+      }
+  return out
+
+
+def task_train(args) -> dict:
+  """train_and_evaluate in `--workdir` on this process's mesh; parameters and losses back."""
+  corpus = write_corpus(os.path.join(args.tmp, 'corpus'))
+  mesh, rules = json.loads(args.mesh), args.rules
+  config = family_config(args.families, corpus, rules=rules, mesh=mesh, **STEP_FIELDS,
+                         **{'train.steps': args.steps, 'train.log_every': 1,
+                            'train.checkpoint_every': args.checkpoint_every,
+                            'train.eval_every': 1000}, **json.loads(args.fields))
+  out = {}
+  if args.restore_step:  # the saved state, restored under this mesh's shardings
+    run_ = loop.setup(config, args.workdir)
+    mngr = checkpoint.manager(args.workdir, 10)
+    with jax.set_mesh(run_.mesh), nn.logical_axis_rules(run_.rules):
+      state, _ = checkpoint.restore(mngr, args.restore_step, loop.abstract_state(run_))
+    mngr.close()
+    out['restored_specs'] = {k: spec_str(x.sharding) for k, x in flat(state['params']).items()}
+    out['restored_devices'] = sorted({len(x.sharding.device_set) for x in jax.tree.leaves(state)})
+    out['restored'] = {k: np.asarray(x).tolist() for k, x in flat(jax.device_get(state['params'])).items()}
+  loop.train_and_evaluate(config, args.workdir)
+  with open(os.path.join(args.workdir, 'metrics.jsonl')) as f:
+    lines = [json.loads(line) for line in f]
+  out['losses'] = {str(r['step']): r['loss'] for r in lines if 'loss' in r}
+  mngr = checkpoint.manager(args.workdir, 10)
+  step = mngr.latest_step()
+  saved = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  mngr.close()
+  out['step'] = step
+  out['params'] = {k: np.asarray(x).tolist() for k, x in flat(saved['params']).items()}
+  return out
+
+
+TASKS = {'steps': task_steps, 'tables': task_tables, 'collectives': task_collectives,
+         'train': task_train}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('task', choices=sorted(TASKS))
+  parser.add_argument('--out', default='')
+  parser.add_argument('--devices', type=int, default=8)
+  parser.add_argument('--families', default=','.join(FAMILIES))
+  parser.add_argument('--cases', default=','.join(f'{f}:{p}' for f in FAMILIES for p in MESHES),
+                      help='steps: family:preset pairs')
+  parser.add_argument('--write', action='store_true')
+  parser.add_argument('--workdir', default='')
+  parser.add_argument('--mesh', default=json.dumps(MESHES['fsdp']))
+  parser.add_argument('--rules', default='fsdp')
+  parser.add_argument('--steps', type=int, default=2)
+  parser.add_argument('--checkpoint_every', type=int, default=2)
+  parser.add_argument('--restore_step', type=int, default=0)
+  parser.add_argument('--fields', default='{}', help='config fields, JSON {"model.x": 1}')
+  args = parser.parse_args()
+  import tempfile  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory() as tmp:
+    args.tmp = tmp
+    os.environ.setdefault('ARCHLAB_CACHE', os.path.join(tmp, 'cache'))
+    result = TASKS[args.task](args)
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump(result, f)
+  else:
+    json.dump(result, sys.stdout, indent=1)
+
+
+if __name__ == '__main__':
+  main()
