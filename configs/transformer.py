@@ -144,9 +144,9 @@ def olmo3_tiny(config):
 def gpt_oss_tiny(config):
   """GPT-OSS layout, tiny: alternating sliding-window (64) and global attention, learned
   sinks, q/k/v and output biases, MoE (8 experts, top-2, softmax over the top k) in every
-  layer.
+  layer, with biases on the router and experts and GPT-OSS's clamped SwiGLU.
 
-  2.6M parameters (2.6M without the token table; 0.9M active per token) with the byte
+  2.65M parameters (2.58M without the token table; 0.9M active per token) with the byte
   vocabulary.
   """
   llama_tiny(config)
@@ -156,7 +156,10 @@ def gpt_oss_tiny(config):
   m.attention.window = 64
   m.attention.qkv_bias = m.attention.o_bias = True
   m.moe.num_experts, m.moe.num_experts_per_tok, m.moe.expert_mlp_dim = 8, 2, 192
+  m.mlp_dim = 192  # unused (no dense MLP), set as GPT-OSS's config.json does
   m.moe.dispatch = 'capacity'  # ragged_dot is slow on XLA:CPU (README)
+  m.mlp_activation = 'swiglu_clamped'
+  m.mlp_bias = True  # router and expert biases (there is no dense MLP)
   m.rope_theta = 1.5e5
 
 
@@ -171,8 +174,9 @@ def deepseek_v3_tiny(config):
   m = config.model
   m.pattern = 'AF' + 'AE' * 3
   m.attention.kind = 'mla'
+  m.num_kv_heads = m.num_heads  # unused by MLA (every head has its keys), as DeepSeek's config
   m.attention.mla.update(dict(q_rank=64, kv_rank=32, nope_head_dim=32, rope_head_dim=16,
-                              v_head_dim=32))
+                              v_head_dim=32, norm_eps=1e-6))  # DeepSeek's latent norm eps
   m.rope_interleaved = True
   m.moe.update(dict(num_experts=8, num_experts_per_tok=2, expert_mlp_dim=96, router='sigmoid',
                     num_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,

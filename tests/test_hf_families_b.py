@@ -186,3 +186,33 @@ def test_mtp_layer_is_ignored_and_extra_tensors_are_named(hf_models, tokens, tmp
     else:
       with pytest.raises(ValueError, match='experts.8.up_proj'):
         hf.import_hf(str(d))
+
+
+@pytest.mark.parametrize('preset,model_type,changes', [
+    ('gpt_oss_tiny', 'gpt_oss', {'moe.dispatch': 'dropless'}),
+    # The aux-loss-free bias trained in the moe_bias collection is not a checkpoint tensor
+    # (export refuses moe.bias_update_rate > 0); a frozen correction bias parameter is.
+    ('deepseek_v3_tiny', 'deepseek_v3', {'moe.dispatch': 'dropless', 'moe.bias_update_rate': 0.0,
+                                         'moe.correction_bias': True}),
+])
+def test_preset_exports_to_transformers(preset, model_type, changes, tokens, tmp_path):
+  """The family presets are these families: random weights exported, same logits in HF."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import models  # pylint: disable=g-import-not-at-top
+  from configs import common as configs_common  # pylint: disable=g-import-not-at-top
+  from configs import transformer  # pylint: disable=g-import-not-at-top
+  config = transformer.get_config(f'preset={preset},runlocal')
+  config.model.vocab_size = VOCAB
+  for field, value in changes.items():
+    configs_common.set_field(config.model, field, value)
+  dummy_BT = np.zeros((1, 1), np.int32)
+  params = nn.meta.unbox(models.build(config.model).init(
+      jax.random.key(0), dummy_BT, positions_BT=dummy_BT, segment_ids_BT=dummy_BT + 1))['params']
+  rng = np.random.RandomState(0)  # every weight perturbed: biases, sinks, norms too
+  params = jax.tree.map(lambda p: np.asarray(p) + 0.05 * rng.standard_normal(p.shape).astype(
+      np.float32), params)
+  assert hf.export_hf(config, params, str(tmp_path)) == model_type
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).float().eval()
+  np.testing.assert_allclose(hf_logits(reloaded, tokens), archlab_logits(config, params, tokens),
+                             atol=1e-4, rtol=0)

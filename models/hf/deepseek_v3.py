@@ -188,6 +188,12 @@ def config_to_hf(cfg) -> dict:
   return hf_config
 
 
+def _mlp_rows(prefix: str, ours: tuple, index: int | None = None) -> list[Tensor]:
+  """A gated MLP's gate/up/down nn.Linear weights -> archlab's wi/wu/wo under `ours`."""
+  return [Tensor(f'{prefix}.{x}_proj.weight', (ours + (y,),), 'linear', index=index)
+          for x, y in (('gate', 'wi'), ('up', 'wu'), ('down', 'wo'))]
+
+
 def tensors(cfg) -> list[Tensor]:
   """The mapping table: DeepseekV3ForCausalLM tensor <-> archlab parameter."""
   rows = [
@@ -225,20 +231,17 @@ def tensors(cfg) -> list[Tensor]:
                          ((a, 'op', 'kv_a_bias'), (a, 'op', 'k_rope_bias')), 'fused', 0))
     if family_lib.o_bias(cfg):
       rows.append(Tensor(f'{s}.o_proj.bias', ((a, 'op', 'o_bias'),), contract=0))
-    mlps = [(f'{h}.mlp', (f, 'op'))] if i < dense else [(f'{h}.mlp.shared_experts',
-                                                          (f, 'op', 'shared'))]
-    if i >= dense:
-      rows += [
-          Tensor(f'{h}.mlp.gate.weight', ((f, 'op', 'router'),), 'linear'),
-          Tensor(f'{h}.mlp.gate.e_score_correction_bias', ((f, 'op', 'correction_bias'),),
-                 contract=0),
-      ]
-      mlps += [(f'{h}.mlp.experts.{e}', (f, 'op', e)) for e in range(cfg.moe.num_experts)]
-    for name, ours in mlps:
-      index = ours[-1] if isinstance(ours[-1], int) else None
-      base = ours[:-1] if index is not None else ours
-      rows += [Tensor(f'{name}.{x}_proj.weight', (base + (y,),), 'linear', index=index)
-               for x, y in (('gate', 'wi'), ('up', 'wu'), ('down', 'wo'))]
+    if i < dense:
+      rows += _mlp_rows(f'{h}.mlp', (f, 'op'))
+      continue
+    rows += [
+        Tensor(f'{h}.mlp.gate.weight', ((f, 'op', 'router'),), 'linear'),
+        Tensor(f'{h}.mlp.gate.e_score_correction_bias', ((f, 'op', 'correction_bias'),),
+               contract=0),
+        *_mlp_rows(f'{h}.mlp.shared_experts', (f, 'op', 'shared')),
+    ]
+    for e in range(cfg.moe.num_experts):  # one tensor per expert: a slice of (E, ...) weights
+      rows += _mlp_rows(f'{h}.mlp.experts.{e}', (f, 'op'), index=e)
   return rows
 
 

@@ -137,10 +137,7 @@ class Family:
 FAMILIES: dict[str, Family] = {}
 
 # Families of the transformer issue with no mapping table yet, and the components they use.
-PENDING = {
-    'gpt_oss': 'the MoE sublayer E, attention sinks, sliding windows and YaRN RoPE',
-    'deepseek_v3': 'MLA attention and the MoE sublayer E with group-limited routing',
-}
+PENDING: dict[str, str] = {}  # model_type -> the components its mapping table waits for
 
 
 def register(family: Family) -> Family:
