@@ -11,5 +11,7 @@ from models.hf.family import FAMILIES, UnsupportedError
 from models.hf.interop import export_hf, import_hf
 from models.hf import olmo3  # noqa: F401  (registers the family)
 from models.hf import qwen3_moe  # noqa: F401  (registers the family)
+from models.hf import gpt_oss  # noqa: F401  (registers the family)
+from models.hf import deepseek_v3  # noqa: F401  (registers the family)
 
 __all__ = ['FAMILIES', 'UnsupportedError', 'export_hf', 'import_hf']
