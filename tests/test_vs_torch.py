@@ -1,7 +1,8 @@
 """experiments/benchmarks/vs_torch.py compares the same computation: its PyTorch decoder with
 archlab's weights copied in gives archlab's logits, loss and optimizer trajectory.
 
-Tiny models (d_model 32, 2 layers, seq 16, batch 2); skipped without torch. About 30 s on 2 cores.
+Tiny models (d_model 32, 2 layers, seq 16, batch 2); skipped without torch. About 100 s on 2 cores
+shared with other jobs (load average 8-10), most of it start-up and compilation.
 """
 
 import os
@@ -143,15 +144,7 @@ def test_benchmark_runs_and_reports(tmp_path, monkeypatch):
   assert f'{results["by_seq_len"][0]["tokens_per_sec"]["archlab"]:,.0f}' in report
 
 
-def test_benchmark_stops_when_the_models_differ(tmp_path, monkeypatch):
-  copy = vs_torch.copy_params
-
-  def wrong_copy(torch_model, params, cfg):
-    copy(torch_model, params, cfg)
-    with torch.no_grad():
-      torch_model.head.weight.mul_(3.0)
-  monkeypatch.setattr(vs_torch, 'copy_params', wrong_copy)
-  config = tiny_config(tmp_path)
-  config.train.batch_size = 2
-  with pytest.raises(vs_torch.ParityError, match='torch eager loss at the initial weights'):
-    vs_torch.measure_seq_len(config, repeats=1, steps=1, use_compile=False, update_rtol=1e-3)
+def test_parity_check_stops_on_a_mismatch():
+  vs_torch.check_close('loss', 5.0, 5.0 + 4e-4, 1e-4)
+  with pytest.raises(vs_torch.ParityError, match=r'loss: torch 5 vs archlab 5.0006 .* > 0.0001'):
+    vs_torch.check_close('loss', 5.0, 5.0 + 6e-4, 1e-4)
