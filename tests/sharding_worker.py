@@ -7,8 +7,8 @@ imports jax for every test file, so the tests run this module in a subprocess (`
 compare the JSON it writes. Tasks:
 
   steps        one training step of each `--cases` family:preset pair (default: all) and of
-               each family on one device
-  collectives  all-reduce / all-gather / reduce-scatter counts of the compiled step, dp vs fsdp
+               each family on one device; for dp and fsdp also the compiled step's
+               collectives (all-reduce, all-gather, reduce-scatter, ... with result shapes)
   tables       parameter PartitionSpecs per family under fsdp_tp; `--write` rewrites
                tests/sharding_tables/<family>.json (how to regenerate the checked-in tables)
   train        train_and_evaluate in a workdir (`--workdir --mesh --steps`), for the
@@ -87,8 +87,10 @@ MESHES = {
 # keeps the step a smooth function of the gradient, so the comparison sees the sharding.
 STEP_FIELDS = {'optim.eps': 1e-6}
 ONE_DEVICE = dict(data=1, fsdp=1, tensor=1, expert=1)
-COLLECTIVE = re.compile(r'= \S+ (all-reduce|all-gather|reduce-scatter|all-to-all|'
+# `%name = TYPE op(` with TYPE one array (`f32[8,32]{1,0}`) or a tuple of them.
+COLLECTIVE = re.compile(r'= (\([^)]*\)|\S+) (all-reduce|all-gather|reduce-scatter|all-to-all|'
                         r'collective-permute)(?:-start)?\(')
+SHAPE = re.compile(r'[a-z]+[0-9]*\[([0-9,]*)\]')
 
 
 def write_corpus(directory: str) -> str:
@@ -143,8 +145,9 @@ def batch_for(seed: int = 0, batch: int = 8, length: int = 16, vocab: int = 256)
 
 
 def one_step(config, devices, workdir, init=None):
-  """(run, initial state, state after one step, metrics) through the loop's own setup;
-  the initial state is `init` laid out on this run's mesh, or the run's own init."""
+  """(run, initial state, state after one step, metrics, compiled HLO text) through the
+  loop's own setup; the initial state is `init` laid out on this run's mesh, or the run's
+  own init."""
   run_ = loop.setup(config, workdir, devices=devices)
   with jax.set_mesh(run_.mesh), nn.logical_axis_rules(run_.rules):
     if init is None:
@@ -152,8 +155,19 @@ def one_step(config, devices, workdir, init=None):
       init = jax.device_get(state)
     else:
       state = jax.device_put(init, run_.state_sharding)
-    new, metrics = run_.train_step(state, loop.to_global(run_, batch_for()))
-    return run_, init, jax.device_get(new), jax.device_get(metrics)
+    batch = loop.to_global(run_, batch_for())
+    compiled = run_.train_step.lower(state, batch).compile()
+    new, metrics = compiled(state, batch)
+    return run_, init, jax.device_get(new), jax.device_get(metrics), compiled.as_text()
+
+
+def collectives_report(run_, hlo: str) -> dict:
+  """The step's collectives with the parameters' shapes and which are sharded over fsdp."""
+  specs = flat(run_.state_sharding['params'])
+  return {'collectives': collectives_of(hlo),
+          'param_shapes': {k: list(v.shape) for k, v in
+                           flat(loop.abstract_state(run_)['params']).items()},
+          'fsdp_sharded': sorted(k for k, s in specs.items() if 'fsdp' in spec_str(s))}
 
 
 def rel_diff(a: dict, b: dict) -> float:
@@ -174,14 +188,14 @@ def task_steps(args) -> dict:
     cases.setdefault(family, []).append(preset)
   out = {}
   for family, presets in cases.items():
-    _, ref_init, ref_new, ref_m = one_step(family_config(family, corpus, **STEP_FIELDS),
+    _, ref_init, ref_new, ref_m, _ = one_step(family_config(family, corpus, **STEP_FIELDS),
                                            jax.devices()[:1], args.tmp)
     ref_params, ref_init_p = flat(ref_new['params']), flat(ref_init['params'])
     ref_update = {k: ref_params[k] - ref_init_p[k] for k in ref_params}
     res = {'single': {'loss': float(ref_m['loss']), 'grad_norm': float(ref_m['grad_norm'])}}
     for preset in presets:
       config = family_config(family, corpus, rules=preset, mesh=MESHES[preset], **STEP_FIELDS)
-      run_, init, new, m = one_step(config, jax.devices(), args.tmp, init=ref_init)
+      run_, init, new, m, hlo = one_step(config, jax.devices(), args.tmp, init=ref_init)
       params, init_p = flat(new['params']), flat(init['params'])
       update = {k: params[k] - init_p[k] for k in params}
       specs = {k: spec_str(s) for k, s in flat(run_.state_sharding['params']).items()}
@@ -195,6 +209,8 @@ def task_steps(args) -> dict:
           'collections_moved': rel_diff(flat(new['collections']), flat(init['collections'])),
           'specs': specs,
       }
+      if preset in ('dp', 'fsdp'):
+        res[preset]['collectives'] = collectives_report(run_, hlo)
     out[family] = res
   return out
 
@@ -218,30 +234,10 @@ def task_tables(args) -> dict:
   return out
 
 
-def count_collectives(hlo: str) -> dict:
-  counts = {}
-  for op in COLLECTIVE.findall(hlo):
-    counts[op] = counts.get(op, 0) + 1
-  return counts
-
-
-def task_collectives(args) -> dict:
-  corpus = write_corpus(os.path.join(args.tmp, 'corpus'))
-  out = {}
-  for family in args.families.split(','):
-    for preset in ('dp', 'fsdp'):
-      run_ = loop.setup(family_config(family, corpus, rules=preset, mesh=MESHES[preset]), args.tmp)
-      with jax.set_mesh(run_.mesh), nn.logical_axis_rules(run_.rules):
-        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=run_.batch_sharding)
-                 for k, v in batch_for().items()}
-        hlo = run_.train_step.lower(loop.abstract_state(run_), batch).compile().as_text()
-      specs = flat(run_.state_sharding['params'])
-      out[f'{family}/{preset}'] = {
-          'counts': count_collectives(hlo),
-          'params': len(specs),
-          'fsdp_sharded_params': sum('fsdp' in spec_str(s) for s in specs.values()),
-      }
-  return out
+def collectives_of(hlo: str) -> list[tuple[str, list[list[int]]]]:
+  """(op, result shapes) of every collective in compiled HLO text."""
+  return [(op, [[int(d) for d in dims.split(',') if d] for dims in SHAPE.findall(types)])
+          for types, op in COLLECTIVE.findall(hlo)]
 
 
 def task_train(args) -> dict:
@@ -275,8 +271,7 @@ def task_train(args) -> dict:
   return out
 
 
-TASKS = {'steps': task_steps, 'tables': task_tables, 'collectives': task_collectives,
-         'train': task_train}
+TASKS = {'steps': task_steps, 'tables': task_tables, 'train': task_train}
 
 
 def main():
