@@ -23,6 +23,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLES_DIR = os.path.join(ROOT, 'tests', 'sharding_tables')
@@ -30,7 +31,6 @@ TABLES_DIR = os.path.join(ROOT, 'tests', 'sharding_tables')
 
 def run(task: str, *args: str, devices: int = 8, timeout: int = 600) -> dict:
   """Runs a task of this module in a fresh process with `devices` CPU devices; its JSON."""
-  import tempfile  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, 'out.json')
     env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
@@ -52,7 +52,6 @@ if __name__ == '__main__':  # before jax is imported
 # pylint: disable=wrong-import-position
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
@@ -75,6 +74,9 @@ FAMILIES = {
         'model.attention.mla': dict(q_rank=32, kv_rank=16, nope_head_dim=8, rope_head_dim=8,
                                     v_head_dim=8)}),
 }
+# deepseek_v3 with dropless dispatch (sort + ragged_dot) instead of the preset's capacity.
+FAMILIES['deepseek_v3_dropless'] = ('deepseek_v3_tiny', dict(
+    FAMILIES['deepseek_v3'][1], **{'model.moe.dispatch': 'dropless'}))
 # Rules preset -> mesh over 8 devices.
 MESHES = {
     'dp': dict(data=8, fsdp=1, tensor=1, expert=1),
@@ -291,7 +293,6 @@ def main():
   parser.add_argument('--restore_step', type=int, default=0)
   parser.add_argument('--fields', default='{}', help='config fields, JSON {"model.x": 1}')
   args = parser.parse_args()
-  import tempfile  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as tmp:
     args.tmp = tmp
     os.environ.setdefault('ARCHLAB_CACHE', os.path.join(tmp, 'cache'))
