@@ -1,8 +1,8 @@
 """experiments/benchmarks/vs_torch.py compares the same computation: its PyTorch decoder with
 archlab's weights copied in gives archlab's logits, loss and optimizer trajectory.
 
-Tiny models (d_model 32, 2 layers, seq 16, batch 2); skipped without torch. About 100 s on 2 cores
-shared with other jobs (load average 8-10), most of it start-up and compilation.
+Tiny models (d_model 32, 2 layers, seq 16, batch 2); skipped without torch. 35 s on 2 cores shared
+with other jobs, 2 minutes at load average 10; most of it start-up and compilation.
 """
 
 import os
