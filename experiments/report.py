@@ -32,6 +32,7 @@ from absl import flags  # noqa: E402
 import matplotlib  # noqa: E402
 matplotlib.use('Agg')
 from matplotlib import pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 import experiments  # noqa: E402
@@ -500,6 +501,10 @@ def plot_isoflop(arch: str, points: list[dict], fit: scaling.IsoflopFit, unit: s
       ax.errorbar([n_opt.value], [vertex.loss_opt], color=color, capsize=3,
                   xerr=[[n_opt.value - n_opt.low], [n_opt.high - n_opt.value]])
   ax.set_xscale('log')
+  if points:  # the runs set the view; an interval reaching far beyond them runs off the edge
+    sizes = [p['N'] for p in points]
+    ax.set_xlim(min(sizes) / 2, max(sizes) * 2)
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # labels of minor ticks overlap
   ax.set(xlabel='N (parameters)', ylabel=f'loss ({unit})', title=f'isoFLOP curves: {arch}')
   ax.legend(fontsize=7)
   return fig
