@@ -196,12 +196,7 @@ def _mlp_rows(prefix: str, ours: tuple, index: int | None = None) -> list[Tensor
 
 def tensors(cfg) -> list[Tensor]:
   """The mapping table: DeepseekV3ForCausalLM tensor <-> archlab parameter."""
-  rows = [
-      Tensor('model.embed_tokens.weight', (('embed',),)),
-      Tensor('model.norm.weight', (('final_norm', 'scale'),), contract=0),
-  ]
-  if not cfg.tie_embeddings:
-    rows.append(Tensor('lm_head.weight', (('head',),), 'linear'))
+  rows = family_lib.outer_rows(cfg)
   dense, sparse = layer_kinds(cfg)
   bias = family_lib.qkv_bias(cfg)
   for i in range(dense + sparse):

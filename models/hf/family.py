@@ -115,6 +115,18 @@ class Tensor:
     return flat[0][:-1] + (sum(f[-1] for f in flat),)
 
 
+def outer_rows(cfg) -> list[Tensor]:
+  """The rows outside the layers of Llama's layout (and its descendants'): token embedding,
+  final norm, and the output head unless it is tied."""
+  rows = [
+      Tensor('model.embed_tokens.weight', (('embed',),)),
+      Tensor('model.norm.weight', (('final_norm', 'scale'),), contract=0),
+  ]
+  if not cfg.tie_embeddings:
+    rows.append(Tensor('lm_head.weight', (('head',),), 'linear'))
+  return rows
+
+
 def _matrix_shape(shape, contract: int) -> tuple[int, ...]:
   """(in, out) with the first `contract` axes as `in`; a vector when `contract` is 0."""
   if contract == 0:

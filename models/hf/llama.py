@@ -65,12 +65,7 @@ def config_to_hf(cfg) -> dict:
 
 def tensors(cfg) -> list[Tensor]:
   """The mapping table: LlamaForCausalLM tensor <-> archlab parameter."""
-  rows = [
-      Tensor('model.embed_tokens.weight', (('embed',),)),
-      Tensor('model.norm.weight', (('final_norm', 'scale'),), contract=0),
-  ]
-  if not cfg.tie_embeddings:
-    rows.append(Tensor('lm_head.weight', (('head',),), 'linear'))
+  rows = family_lib.outer_rows(cfg)
   for i in range(family_lib.units(cfg, 'AF')):
     h, a, f = f'model.layers.{i}', 2 * i, 2 * i + 1
     rows += [

@@ -118,12 +118,7 @@ def config_to_hf(cfg) -> dict:
 
 def tensors(cfg) -> list[Tensor]:
   """The mapping table: Olmo3ForCausalLM tensor <-> archlab parameter."""
-  rows = [
-      Tensor('model.embed_tokens.weight', (('embed',),)),
-      Tensor('model.norm.weight', (('final_norm', 'scale'),), contract=0),
-  ]
-  if not cfg.tie_embeddings:
-    rows.append(Tensor('lm_head.weight', (('head',),), 'linear'))
+  rows = family_lib.outer_rows(cfg)
   for i in range(len(qwen3_moe.layer_chars(cfg, 'AW', 'F'))):
     h, a, f = f'model.layers.{i}', 2 * i, 2 * i + 1
     rows += qwen3_moe.attention_rows(cfg, h, a)

@@ -150,12 +150,7 @@ def mlp_rows(h: str, f: int) -> list[Tensor]:
 
 def tensors(cfg) -> list[Tensor]:
   """The mapping table: Qwen3MoeForCausalLM tensor <-> archlab parameter."""
-  rows = [
-      Tensor('model.embed_tokens.weight', (('embed',),)),
-      Tensor('model.norm.weight', (('final_norm', 'scale'),), contract=0),
-  ]
-  if not cfg.tie_embeddings:
-    rows.append(Tensor('lm_head.weight', (('head',),), 'linear'))
+  rows = family_lib.outer_rows(cfg)
   for i, (_, mlp) in enumerate(layer_chars(cfg, 'AW', 'EF')):
     h, a, f = f'model.layers.{i}', 2 * i, 2 * i + 1
     rows.append(Tensor(f'{h}.input_layernorm.weight', ((a, 'norm', 'scale'),), contract=0))
