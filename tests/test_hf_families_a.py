@@ -20,10 +20,10 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
 import models  # noqa: E402
-from configs import common as configs_common  # noqa: E402
 from configs import transformer  # noqa: E402
 from models import hf  # noqa: E402
 from models import lm  # noqa: E402
+from tests.test_hf import archlab_logits, hf_logits, make_hf_model, run_config  # noqa: E402
 
 VOCAB, LENGTH = 300, 24
 ROPE_500 = {'rope_type': 'default', 'rope_theta': 500.0}
@@ -62,39 +62,6 @@ VARIANTS = {
 }
 PATTERNS = {'qwen3_moe': 'AEAEAFAE', 'qwen3_moe_step_window': 'WFWEWFWE',
             'olmo3': 'WFWFWFAF', 'olmo3_bias_yarn': 'AFWFWFAF'}
-
-
-def make_hf_model(model_type, path, seed=0, **fields):
-  """A random float32 model in eval mode, every weight perturbed (biases and norms too)."""
-  torch.manual_seed(seed)
-  config = transformers.AutoConfig.for_model(model_type, vocab_size=VOCAB, bos_token_id=None,
-                                             eos_token_id=None, **fields)
-  model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.05 * torch.randn_like(p))
-  model.save_pretrained(path)
-  return model
-
-
-def hf_logits(model, tokens_BT):
-  with torch.no_grad():
-    return model(torch.tensor(np.asarray(tokens_BT))).logits.numpy()
-
-
-def archlab_logits(config, params, tokens_BT):
-  model = models.build(config.model)
-  b, t = tokens_BT.shape
-  positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
-  logits_BTV, _ = model.apply({'params': params}, jnp.asarray(tokens_BT), positions_BT=positions_BT,
-                              segment_ids_BT=jnp.ones_like(positions_BT))
-  return np.asarray(logits_BTV)
-
-
-def run_config(scan_layers):
-  config = configs_common.base_config()
-  config.model.scan_layers = scan_layers
-  return config
 
 
 @pytest.fixture(scope='module')
