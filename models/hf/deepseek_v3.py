@@ -144,20 +144,13 @@ def config_to_hf(cfg) -> dict:
   if cfg.attention.kind != 'mla':
     raise family_lib.UnsupportedError(f'model.attention.kind={cfg.attention.kind!r} cannot be '
                                       "written as DeepSeek V3 (mla only)")
-  if cfg.mlp_activation not in llama.TO_HF_ACTIVATIONS:
-    raise family_lib.UnsupportedError(f'model.mlp_activation={cfg.mlp_activation!r} cannot be '
-                                      f'written as DeepSeek V3 (supported: '
-                                      f'{list(llama.TO_HF_ACTIVATIONS)})')
   m, mla = cfg.moe, cfg.attention.mla
   hf_config = {
       'model_type': 'deepseek_v3',
       'architectures': ['DeepseekV3ForCausalLM'],
-      'vocab_size': cfg.vocab_size,
-      'hidden_size': cfg.d_model,
-      'intermediate_size': cfg.mlp_dim,
-      'num_hidden_layers': dense + sparse,
+      **{k: v for k, v in llama.hf_fields(cfg, 'DeepSeek V3', dense + sparse).items()
+         if k != 'head_dim'},  # MLA's head dims are the qk_*/v_head_dim fields
       'first_k_dense_replace': dense,
-      'num_attention_heads': cfg.num_heads,
       'num_key_value_heads': cfg.num_heads,
       'q_lora_rank': mla.q_rank or None,
       'kv_lora_rank': mla.kv_rank,
@@ -165,12 +158,6 @@ def config_to_hf(cfg) -> dict:
       'qk_rope_head_dim': mla.rope_head_dim,
       'v_head_dim': mla.v_head_dim,
       'rope_interleave': bool(cfg.rope_interleaved),
-      'hidden_act': llama.TO_HF_ACTIVATIONS[cfg.mlp_activation],
-      'max_position_embeddings': cfg.max_len,
-      'rms_norm_eps': cfg.norm_eps,
-      'tie_word_embeddings': cfg.tie_embeddings,
-      'attention_bias': family_lib.qkv_bias(cfg),
-      'attention_dropout': 0.0,
       'num_nextn_predict_layers': 0,
       **family_lib.rope_to_hf(cfg),
   }

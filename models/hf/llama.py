@@ -37,18 +37,18 @@ def config_to_archlab(hf: family_lib.HfConfig) -> dict:
   }
 
 
-def config_to_hf(cfg) -> dict:
-  layers = family_lib.units(cfg, 'AF')
+def hf_fields(cfg, family: str, num_layers: int) -> dict:
+  """The config.json fields Llama's descendants share (no model_type, RoPE or MoE fields);
+  refuses an MLP activation transformers' `hidden_act` cannot name."""
   if cfg.mlp_activation not in TO_HF_ACTIVATIONS:
     raise family_lib.UnsupportedError(f'model.mlp_activation={cfg.mlp_activation!r} cannot be '
-                                      f'written as Llama (supported: {list(TO_HF_ACTIVATIONS)})')
+                                      f'written as {family} (supported: '
+                                      f'{list(TO_HF_ACTIVATIONS)})')
   return {
-      'model_type': 'llama',
-      'architectures': ['LlamaForCausalLM'],
       'vocab_size': cfg.vocab_size,
       'hidden_size': cfg.d_model,
       'intermediate_size': cfg.mlp_dim,
-      'num_hidden_layers': layers,
+      'num_hidden_layers': num_layers,
       'num_attention_heads': cfg.num_heads,
       'num_key_value_heads': cfg.num_kv_heads,
       'head_dim': cfg.head_dim or cfg.d_model // cfg.num_heads,
@@ -57,8 +57,16 @@ def config_to_hf(cfg) -> dict:
       'rms_norm_eps': cfg.norm_eps,
       'tie_word_embeddings': cfg.tie_embeddings,
       'attention_bias': family_lib.qkv_bias(cfg),
-      'mlp_bias': family_lib.mlp_bias(cfg),
       'attention_dropout': 0.0,
+  }
+
+
+def config_to_hf(cfg) -> dict:
+  return {
+      'model_type': 'llama',
+      'architectures': ['LlamaForCausalLM'],
+      **hf_fields(cfg, 'Llama', family_lib.units(cfg, 'AF')),
+      'mlp_bias': family_lib.mlp_bias(cfg),
       **family_lib.rope_to_hf(cfg),
   }
 

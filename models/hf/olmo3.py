@@ -86,28 +86,12 @@ def config_to_archlab(hf: family_lib.HfConfig) -> dict:
 
 def config_to_hf(cfg) -> dict:
   pairs = qwen3_moe.layer_chars(cfg, 'AW', 'F')
-  if cfg.mlp_activation not in llama.TO_HF_ACTIVATIONS:
-    raise family_lib.UnsupportedError(f'model.mlp_activation={cfg.mlp_activation!r} cannot be '
-                                      f'written as olmo3 (supported: '
-                                      f'{list(llama.TO_HF_ACTIVATIONS)})')
   rope = family_lib.rope_to_hf(cfg)
   params = rope['rope_parameters']
   return {
       'model_type': 'olmo3',
       'architectures': ['Olmo3ForCausalLM'],
-      'vocab_size': cfg.vocab_size,
-      'hidden_size': cfg.d_model,
-      'intermediate_size': cfg.mlp_dim,
-      'num_hidden_layers': len(pairs),
-      'num_attention_heads': cfg.num_heads,
-      'num_key_value_heads': cfg.num_kv_heads,
-      'head_dim': cfg.head_dim or cfg.d_model // cfg.num_heads,
-      'hidden_act': llama.TO_HF_ACTIVATIONS[cfg.mlp_activation],
-      'max_position_embeddings': cfg.max_len,
-      'rms_norm_eps': cfg.norm_eps,
-      'tie_word_embeddings': cfg.tie_embeddings,
-      'attention_bias': family_lib.qkv_bias(cfg),
-      'attention_dropout': 0.0,
+      **llama.hf_fields(cfg, 'olmo3', len(pairs)),
       'layer_types': [{'W': 'sliding_attention', 'A': 'full_attention'}[a] for a, _ in pairs],
       'sliding_window': cfg.attention.window or 4096,
       'rope_theta': rope['rope_theta'],

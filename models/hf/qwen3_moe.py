@@ -91,28 +91,12 @@ def config_to_hf(cfg) -> dict:
   if len({a for a, _ in pairs}) > 1:
     raise family_lib.UnsupportedError(f'model.pattern={cfg.pattern!r} mixes A and W layers; '
                                       'qwen3_moe has sliding windows on all layers or none')
-  if cfg.mlp_activation not in llama.TO_HF_ACTIVATIONS:
-    raise family_lib.UnsupportedError(f'model.mlp_activation={cfg.mlp_activation!r} cannot be '
-                                      f'written as qwen3_moe (supported: '
-                                      f'{list(llama.TO_HF_ACTIVATIONS)})')
   m = cfg.moe
   windowed = pairs[0][0] == 'W'
   return {
       'model_type': 'qwen3_moe',
       'architectures': ['Qwen3MoeForCausalLM'],
-      'vocab_size': cfg.vocab_size,
-      'hidden_size': cfg.d_model,
-      'intermediate_size': cfg.mlp_dim,
-      'num_hidden_layers': len(pairs),
-      'num_attention_heads': cfg.num_heads,
-      'num_key_value_heads': cfg.num_kv_heads,
-      'head_dim': cfg.head_dim or cfg.d_model // cfg.num_heads,
-      'hidden_act': llama.TO_HF_ACTIVATIONS[cfg.mlp_activation],
-      'max_position_embeddings': cfg.max_len,
-      'rms_norm_eps': cfg.norm_eps,
-      'tie_word_embeddings': cfg.tie_embeddings,
-      'attention_bias': family_lib.qkv_bias(cfg),
-      'attention_dropout': 0.0,
+      **llama.hf_fields(cfg, 'qwen3_moe', len(pairs)),
       'use_sliding_window': windowed,
       'sliding_window': cfg.attention.window if windowed else None,
       'num_experts': m.num_experts,
