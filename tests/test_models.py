@@ -171,7 +171,7 @@ def test_parameters_carry_logical_axis_names():
     ('pattern', 'AFX', "unknown sublayer(s) ['X']"),
     ('position', 'alibi', "model.position='alibi'"),
     ('mlp_activation', 'tanh', "model.mlp_activation='tanh'"),
-    ('attention.impl', 'flash', "model.attention.impl='flash'"),
+    ('attention.impl', 'flashy', "model.attention.impl='flashy'"),
     ('num_heads', 3, 'model.d_model=64 is not divisible by model.num_heads=3'),
 ])
 def test_bad_model_config_is_one_clear_line(field, value, message):

@@ -22,10 +22,11 @@ import jax.numpy as jnp
 
 import models
 from models.layers import common
+from models.layers import flash
 from models.layers import norms
 from models.layers import positions as positions_lib
 
-IMPLS = ('xla', 'dot_product', 'cudnn', 'auto')
+IMPLS = ('xla', 'flash', 'dot_product', 'cudnn', 'auto')
 QK_NORMS = ('none', 'head', 'full')
 OUTPUT_GATES = ('none', 'headwise', 'elementwise')
 # attention.kind -> (global class, windowed class); filled by `register_kind`.
@@ -160,8 +161,14 @@ def attend(cfg, q_BTNH, k_BSKH, v_BSKH, *, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_B
   query blocks that skip hidden key blocks.
   """
   causal = not cfg.bidirectional
-  mask_BTS = attention_mask(q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, causal=causal, window=window)
   impl = resolve_impl(cfg, (q_BTNH.shape[-1], v_BSKH.shape[-1]))
+  if impl == 'flash':
+    return flash.attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT=q_pos_BT, q_seg_BT=q_seg_BT,
+                           k_pos_BS=k_pos_BS, k_seg_BS=k_seg_BS, scale=scale, causal=causal,
+                           window=window, sinks_N=sinks_N,
+                           block=cfg.attention.causal_block or max(q_BTNH.shape[1], k_BSKH.shape[1]),
+                           skip=blocked and causal)
+  mask_BTS = attention_mask(q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, causal=causal, window=window)
   if impl == 'xla':
     fn = dot_attention
   else:

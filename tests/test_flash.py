@@ -1,0 +1,160 @@
+"""`attention.impl='flash'` (models/layers/flash.py) against the materialised reference.
+
+Oracles: `attention.dot_attention` on the reference mask (values and gradients of q, k, v
+and sinks); whole models with impl 'xla' (logits and parameter gradients: llama, GPT-OSS
+style windows and sinks, MLA); prefill + step-by-step decode against the full forward.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from models import lm
+from models.layers import attention
+from models.layers import flash
+from tests.conftest import packed_batch, tiny_model_config
+
+VOCAB = 260
+
+
+def qkv_case(b, t, n, k, h, hv, seed=0):
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  q, key, v = normal(b, t, n, h), normal(b, t, k, h), normal(b, t, k, hv)
+  # Row 0: two documents; row 1: one document then 3 padding tokens (segment 0).
+  seg = np.ones((b, t), np.int32)
+  pos = np.tile(np.arange(t, dtype=np.int32), (b, 1))
+  seg[0, t // 3:], pos[0, t // 3:] = 2, pos[0, t // 3:] - t // 3
+  seg[1, -3:], pos[1, -3:] = 0, 0
+  return q, key, v, jnp.asarray(pos), jnp.asarray(seg), normal(b, t, n, hv), normal(n)
+
+
+@pytest.mark.parametrize('kw', [
+    dict(),
+    dict(block=5),                        # 20 rows: the last block is padded
+    dict(block=32),                       # one block
+    dict(window=6),
+    dict(window=6, block=4, sinks=True),
+    dict(sinks=True),
+    dict(causal=False),
+    dict(causal=False, window=5),
+    dict(hv=12),                          # MLA: values wider than keys
+    dict(skip=False),
+    dict(n=6, k=2, t=33, block=8, window=9, sinks=True),
+    dict(n=3, k=3),
+    dict(n=4, k=1),
+], ids=str)
+def test_flash_equals_reference_values_and_gradients(kw):
+  kw = dict(dict(t=20, n=4, k=2, hv=8, block=8, causal=True, window=0, sinks=False, skip=True), **kw)
+  q, k, v, pos, seg, w, sinks_N = qkv_case(2, kw['t'], kw['n'], kw['k'], 8, kw['hv'])
+  mask = attention.attention_mask(pos, seg, pos, seg, causal=kw['causal'], window=kw['window'])
+
+  def reference(q, k, v, sinks_N):
+    return jnp.sum(attention.dot_attention(q, k, v, mask, 0.3, sinks_N=sinks_N) * w)
+
+  def blocked(q, k, v, sinks_N):
+    out = flash.attention(q, k, v, q_pos_BT=pos, q_seg_BT=seg, k_pos_BS=pos, k_seg_BS=seg,
+                          scale=0.3, causal=kw['causal'], window=kw['window'], sinks_N=sinks_N,
+                          block=kw['block'], skip=kw['skip'] and kw['causal'])
+    return jnp.sum(out * w)
+
+  args = (q, k, v, sinks_N if kw['sinks'] else None)
+  argnums = (0, 1, 2, 3) if kw['sinks'] else (0, 1, 2)
+  want, want_grads = jax.value_and_grad(reference, argnums)(*args)
+  got, got_grads = jax.value_and_grad(blocked, argnums)(*args)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  for name, g, wg in zip('qkvs', got_grads, want_grads):
+    assert float(jnp.max(jnp.abs(wg))) > 0, name
+    np.testing.assert_allclose(g, wg, rtol=1e-4, atol=1e-4, err_msg=f'gradient of {name}')
+
+
+def test_padding_rows_are_zero_and_their_gradients_finite():
+  q, k, v, pos, seg, _, _ = qkv_case(2, 12, 2, 2, 8, 8)
+  fn = lambda q: flash.attention(q, k, v, q_pos_BT=pos, q_seg_BT=seg, k_pos_BS=pos,
+                                 k_seg_BS=seg, scale=0.3, causal=True, block=4, skip=True)
+  out = fn(q)
+  assert np.all(np.asarray(out[1, -3:]) == 0)
+  assert np.all(np.abs(np.asarray(out[1, :-3])) > 0)
+  grad = jax.grad(lambda q: jnp.sum(fn(q) ** 2))(q)
+  assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_visited_block_pairs_are_the_same_forward_and_backward():
+  """The backward's query range per key block is the inverse of the forward's key range."""
+  for tq, tk, window, nq, nk in [(4, 4, 0, 5, 5), (4, 8, 0, 6, 3), (8, 4, 0, 3, 6),
+                                 (4, 4, 6, 5, 5), (4, 8, 9, 6, 3), (8, 4, 5, 3, 6)]:
+    st = flash._Static(scale=1.0, tq=tq, tk=tk, g=1, causal=True, window=window, skip=True)
+    forward = {(i, j) for i in range(nq) for j in range(*map(int, flash._key_range(st, i, nk)))}
+    backward = {(i, j) for j in range(nk) for i in range(*map(int, flash._query_range(st, j, nq)))}
+    assert forward == backward, (tq, tk, window)
+    # Every pair with a visible (query, key) index pair is visited, and no fully hidden one.
+    visible = {(qi // tq, ki // tk) for qi in range(nq * tq) for ki in range(nk * tk)
+               if 0 <= qi - ki < (window or 10 ** 9)}
+    assert forward == visible, (tq, tk, window)
+
+
+def model_grads(config, tokens_BT, pos_BT, seg_BT):
+  model = models.build(config)
+  params = nn.meta.unbox(jax.jit(lambda r: model.init(
+      r, tokens_BT, positions_BT=pos_BT, segment_ids_BT=seg_BT))(jax.random.key(0))['params'])
+
+  def loss(params):
+    logits = model.apply({'params': params}, tokens_BT, positions_BT=pos_BT, segment_ids_BT=seg_BT)[0]
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+
+  (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return logits, grads
+
+
+@pytest.mark.parametrize('overrides', [
+    {},
+    {'pattern': 'AWFAWF', 'attention.window': 5, 'attention.sinks': True},
+    {'attention.kind': 'mla', 'attention.mla.q_rank': 16, 'attention.mla.kv_rank': 16,
+     'attention.mla.nope_head_dim': 8, 'attention.mla.rope_head_dim': 8,
+     'attention.mla.v_head_dim': 12},
+], ids=['llama', 'windows_sinks', 'mla'])
+def test_model_with_flash_equals_model_with_reference(overrides):
+  tokens_BT, pos_BT, seg_BT = packed_batch(jax.random.key(1), 2, 24, VOCAB, num_segments=3)
+  common = {'attention.causal_block': 8, **overrides}
+  want_logits, want_grads = model_grads(tiny_model_config(**common, **{'attention.impl': 'xla'}),
+                                        tokens_BT, pos_BT, seg_BT)
+  got_logits, got_grads = model_grads(tiny_model_config(**common, **{'attention.impl': 'flash'}),
+                                      tokens_BT, pos_BT, seg_BT)
+  np.testing.assert_allclose(got_logits, want_logits, atol=1e-5, rtol=1e-5)
+  for (path, g), wg in zip(jax.tree_util.tree_leaves_with_path(got_grads),
+                           jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, wg, atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+def test_flash_prefill_plus_decode_equals_full_forward():
+  config = tiny_model_config(**{'attention.impl': 'flash', 'attention.causal_block': 4,
+                                'pattern': 'AWF', 'attention.window': 4, 'attention.sinks': True})
+  b, t, prefill = 2, 12, 5
+  tokens_BT = jax.random.randint(jax.random.key(3), (b, t), 0, VOCAB)
+  pos_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
+  seg_BT = jnp.ones((b, t), jnp.int32)
+  model = models.build(config)
+  params = nn.meta.unbox(model.init(jax.random.key(0), tokens_BT, positions_BT=pos_BT,
+                                    segment_ids_BT=seg_BT)['params'])
+  apply = jax.jit(lambda c, x, p, s: model.apply({'params': params}, x, positions_BT=p,
+                                                 segment_ids_BT=s, cache=c))
+  full_BTV = model.apply({'params': params}, tokens_BT, positions_BT=pos_BT, segment_ids_BT=seg_BT)[0]
+  out_BTV, aux = apply(lm.init_cache(model.cfg, b, t), tokens_BT[:, :prefill],
+                       pos_BT[:, :prefill], seg_BT[:, :prefill])
+  outs = [out_BTV]
+  for i in range(prefill, t):
+    out_BTV, aux = apply(aux['cache'], tokens_BT[:, i:i + 1], pos_BT[:, i:i + 1], seg_BT[:, i:i + 1])
+    outs.append(out_BTV)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full_BTV, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments_are_one_line():
+  q, k, v, pos, seg, _, _ = qkv_case(2, 8, 3, 2, 8, 8)
+  kwargs = dict(q_pos_BT=pos, q_seg_BT=seg, k_pos_BS=pos, k_seg_BS=seg, scale=1.0, causal=True)
+  with pytest.raises(ValueError, match='3 query heads is not a multiple of 2 kv heads'):
+    flash.attention(q, k, v, **kwargs)
+  with pytest.raises(ValueError, match='block=0 must be positive'):
+    flash.attention(q[:, :, :2], k, v, block=0, **kwargs)
