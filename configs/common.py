@@ -100,7 +100,7 @@ def model_defaults() -> ml_collections.ConfigDict:
       param_dtype='float32',
       attention=dict(
           kind='mha',            # mha (MHA/GQA/MQA by num_kv_heads) | mla (DeepSeek, see mla below)
-          impl='xla',            # xla (reference) | flash (blocked) | dot_product (jax.nn) | cudnn (GPU) | auto
+          impl='auto',           # auto | xla (reference) | flash (blocked) | dot_product (jax.nn) | cudnn (GPU)
           softmax_scale=0.0,     # 0: 1/sqrt(head_dim)
           causal_block=128,      # query block rows; skips fully masked key blocks (0: off)
           window=0,              # W sublayers: a query sees keys fewer than window positions back

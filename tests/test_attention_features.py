@@ -168,7 +168,7 @@ def window_mask(pos_BT, seg_BT, window):
 
 @pytest.mark.parametrize('impl,window,block,sinks', [
     ('xla', 3, 4, False), ('xla', 6, 4, True), ('xla', 16, 0, True), ('dot_product', 5, 4, False),
-    ('xla', 0, 4, True)])
+    ('xla', 0, 4, True), ('flash', 3, 4, False), ('flash', 6, 4, True), ('flash', 0, 5, True)])
 def test_attend_with_window_and_sinks_matches_naive_reference(impl, window, block, sinks):
   keys = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(keys[0], (2, 16, 4, 8))

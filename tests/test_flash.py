@@ -158,3 +158,14 @@ def test_bad_arguments_are_one_line():
     flash.attention(q, k, v, **kwargs)
   with pytest.raises(ValueError, match='block=0 must be positive'):
     flash.attention(q[:, :, :2], k, v, block=0, **kwargs)
+
+
+def test_auto_takes_flash_on_cpu_only_for_rows_longer_than_one_block():
+  cfg = tiny_model_config(**{'attention.impl': 'auto', 'attention.causal_block': 128})
+  if jax.default_backend() != 'cpu':
+    pytest.skip('the CPU rule of attention.impl=auto')
+  assert attention.resolve_impl(cfg, (16,), causal_rows=256) == 'flash'
+  assert attention.resolve_impl(cfg, (16,), causal_rows=128) == 'xla'
+  assert attention.resolve_impl(cfg, (16,)) == 'xla'  # decoding, bidirectional rows
+  off = tiny_model_config(**{'attention.impl': 'auto', 'attention.causal_block': 0})
+  assert attention.resolve_impl(off, (16,), causal_rows=4096) == 'xla'

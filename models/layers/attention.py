@@ -145,11 +145,23 @@ def impl_problem(cfg, impl: str, head_dims: tuple[int, ...]) -> str | None:
   return None
 
 
-def resolve_impl(cfg, head_dims: tuple[int, ...]) -> str:
-  """`attention.impl`, with `auto` resolved: cuDNN where it works, else the xla reference."""
+def resolve_impl(cfg, head_dims: tuple[int, ...], causal_rows: int = 0) -> str:
+  """`attention.impl`, with `auto` resolved.
+
+  cuDNN where it works; on a CPU, `flash` for causal training rows (`causal_rows`) longer
+  than one `attention.causal_block` (measured on llama_small: 10-19% faster steps at 512 and
+  2048 rows, 5-8% slower at one block, where it only adds the backward's recomputation);
+  else the xla reference (other backends: pure-JAX flash is unmeasured there).
+  """
   impl = cfg.attention.impl
   if impl == 'auto':
-    impl = 'cudnn' if impl_problem(cfg, 'cudnn', head_dims) is None else 'xla'
+    block = cfg.attention.causal_block
+    if impl_problem(cfg, 'cudnn', head_dims) is None:
+      impl = 'cudnn'
+    elif jax.default_backend() == 'cpu' and block and causal_rows > block:
+      impl = 'flash'
+    else:
+      impl = 'xla'
   return impl
 
 
@@ -161,7 +173,8 @@ def attend(cfg, q_BTNH, k_BSKH, v_BSKH, *, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_B
   query blocks that skip hidden key blocks.
   """
   causal = not cfg.bidirectional
-  impl = resolve_impl(cfg, (q_BTNH.shape[-1], v_BSKH.shape[-1]))
+  impl = resolve_impl(cfg, (q_BTNH.shape[-1], v_BSKH.shape[-1]),
+                      causal_rows=q_BTNH.shape[1] if blocked and causal else 0)
   if impl == 'flash':
     return flash.attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT=q_pos_BT, q_seg_BT=q_seg_BT,
                            k_pos_BS=k_pos_BS, k_seg_BS=k_seg_BS, scale=scale, causal=causal,
