@@ -148,3 +148,26 @@ def test_parity_check_stops_on_a_mismatch():
   vs_torch.check_close('loss', 5.0, 5.0 + 4e-4, 1e-4)
   with pytest.raises(vs_torch.ParityError, match=r'loss: torch 5 vs archlab 5.0006 .* > 0.0001'):
     vs_torch.check_close('loss', 5.0, 5.0 + 6e-4, 1e-4)
+
+
+@pytest.mark.parametrize('tie', [True, False])
+def test_step_bound_lists_every_dense_matmul(tie):
+  """The bound's matmuls plus the attention scores are the model's whole analytic forward count."""
+  from experiments.benchmarks import step_bound
+  from models import lm
+  cfg = tiny_model_config(**{**TINY, 'mlp_dim': 48}, tie_embeddings=tie)
+  seq_len, tokens = 16, 64
+  dense = sum(2 * m * k * n * count for _, m, k, n, count in step_bound.dense_matmuls(cfg, tokens))
+  scores = cfg.pattern.count('A') * 4 * seq_len * cfg.num_heads * vs_torch.head_dim(cfg)
+  assert dense / tokens + scores == pytest.approx(lm.flops_per_token(cfg, seq_len), rel=1e-9)
+
+
+def test_step_bound_runs_and_reports():
+  from experiments.benchmarks import step_bound
+  cfg = tiny_model_config(**TINY, **{'attention.causal_block': 8})
+  result = step_bound.bound(cfg, seq_len=16, batch_tokens=32, repeats=1)
+  assert set(result['attention_seconds']) == {'archlab flash', 'archlab xla', 'torch sdpa'}
+  pieces = result['dense_seconds'] + result['attention_layers_seconds']
+  assert pieces > 0 and result['bound_tokens_per_sec'] == pytest.approx(32 / pieces)
+  report = step_bound.format_report([result], {16: result['bound_tokens_per_sec'] / 2})
+  assert 'at most 2.00x torch.compile' in report and 'weight grad' in report

@@ -149,9 +149,11 @@ def resolve_impl(cfg, head_dims: tuple[int, ...], causal_rows: int = 0) -> str:
   """`attention.impl`, with `auto` resolved.
 
   cuDNN where it works; on a CPU, `flash` for causal training rows (`causal_rows`) longer
-  than one `attention.causal_block` (measured on llama_small: 10-19% faster steps at 512 and
-  2048 rows, 5-8% slower at one block, where it only adds the backward's recomputation);
-  else the xla reference (other backends: pure-JAX flash is unmeasured there).
+  than one `attention.causal_block`: it never holds a row's score matrix, and llama_small's
+  training step ran 4% faster at 512 rows (the same at 2048 rows, 7% faster there with
+  causal_block=256; both systems timed in one process). At one block it only adds the
+  backward's recomputation (5-15% slower). Else the xla reference: on other backends
+  pure-JAX flash is unmeasured.
   """
   impl = cfg.attention.impl
   if impl == 'auto':
