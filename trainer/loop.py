@@ -22,6 +22,7 @@ import numpy as np
 import input_pipeline
 import models
 from models import objectives
+from models.layers import attention
 from models.hf import init_from as hf_init_from
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
@@ -285,6 +286,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                       ('segment_ids', jnp.int32), ('weights', jnp.float32))}
     compiled = run.train_step.lower(abstract, abstract_batch).compile()
   xla_step_flops = flops_lib.xla_flops(compiled)
+  cfg = run.model.cfg
+  flash_attention = bool({'A', 'W'} & set(cfg.pattern)) and attention.resolve_impl(
+      cfg, (attention.head_dim(cfg),),
+      causal_rows=0 if cfg.bidirectional else config.data.seq_len) == 'flash'
   peak = (config.peak_flops * jax.device_count() if config.peak_flops
           else flops_lib.measure_matmul_peak())
   params_count = flops_lib.count_params(state['params'])
@@ -366,8 +371,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       'flops_per_token': run.train_flops_per_step / run.tokens_per_step,
       'xla_flops_per_step': xla_step_flops * jax.device_count() if xla_step_flops else None,
       # XLA's cost analysis counts a while loop's body once: with scanned layers its count
-      # covers one repeat of the pattern, not all of them.
-      'xla_flops_scan_body_counted_once': bool(config.model.scan_layers),
+      # covers one repeat of the pattern, with flash attention one block of scores.
+      'xla_flops_scan_body_counted_once': bool(config.model.scan_layers) or flash_attention,
       'analytic_flops_per_step': run.train_flops_per_step,
       'final_eval_loss': eval_metrics['eval_loss'],
       'final_eval_bits_per_byte': eval_metrics['eval_bits_per_byte'],
