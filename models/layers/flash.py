@@ -23,6 +23,7 @@ the model's dtype.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,16 +73,15 @@ def attention(q_BTNH, k_BSKH, v_BSKH, *, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS,
   return out_BTNV.reshape(b, t + t_pad, n, hv)[:, :t]
 
 
-class _Static(tuple):
-  """The hashable static arguments of `_flash`."""
-  __slots__ = ()
-  fields = ('scale', 'tq', 'tk', 'g', 'causal', 'window', 'skip')
-
-  def __new__(cls, **kwargs):
-    return super().__new__(cls, tuple(kwargs[f] for f in cls.fields))
-
-  def __getattr__(self, name):
-    return self[self.fields.index(name)]
+class _Static(NamedTuple):
+  """The static (hashable) arguments of `_flash`: scale, block sizes, GQA group, mask kind."""
+  scale: float
+  tq: int      # query positions per block
+  tk: int      # key positions per block
+  g: int       # query heads per kv head
+  causal: bool
+  window: int
+  skip: bool   # visit only the key blocks the mask can leave visible (training rows)
 
 
 def _key_range(st: _Static, i, num_k: int):
