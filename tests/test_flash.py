@@ -116,12 +116,13 @@ def model_grads(config, tokens_BT, pos_BT, seg_BT):
      'attention.mla.nope_head_dim': 8, 'attention.mla.rope_head_dim': 8,
      'attention.mla.v_head_dim': 12},
 ], ids=['llama', 'windows_sinks', 'mla'])
-def test_model_with_flash_equals_model_with_reference(overrides):
+@pytest.mark.parametrize('impl', ['flash', 'auto'])  # auto: flash with a larger block on a CPU
+def test_model_with_flash_equals_model_with_reference(overrides, impl):
   tokens_BT, pos_BT, seg_BT = packed_batch(jax.random.key(1), 2, 24, VOCAB, num_segments=3)
   common = {'attention.causal_block': 8, **overrides}
   want_logits, want_grads = model_grads(tiny_model_config(**common, **{'attention.impl': 'xla'}),
                                         tokens_BT, pos_BT, seg_BT)
-  got_logits, got_grads = model_grads(tiny_model_config(**common, **{'attention.impl': 'flash'}),
+  got_logits, got_grads = model_grads(tiny_model_config(**common, **{'attention.impl': impl}),
                                       tokens_BT, pos_BT, seg_BT)
   np.testing.assert_allclose(got_logits, want_logits, atol=1e-5, rtol=1e-5)
   for (path, g), wg in zip(jax.tree_util.tree_leaves_with_path(got_grads),
@@ -169,3 +170,11 @@ def test_auto_takes_flash_on_cpu_only_for_rows_longer_than_one_block():
   assert attention.resolve_impl(cfg, (16,)) == 'xla'  # decoding, bidirectional rows
   off = tiny_model_config(**{'attention.impl': 'auto', 'attention.causal_block': 0})
   assert attention.resolve_impl(off, (16,), causal_rows=4096) == 'xla'
+
+
+def test_auto_flash_block_grows_while_a_block_of_scores_fits():
+  # llama_small: 8 rows x 6 heads at 512 keep 128; 2 x 6 at 2048 take 256.
+  assert attention.flash_block(128, 48, 512) == 128
+  assert attention.flash_block(128, 12, 2048) == 256
+  assert attention.flash_block(8, 8, 24) == 16     # never past the row
+  assert attention.flash_block(128, 1, 4096, scores=128 ** 2) == 128

@@ -149,9 +149,9 @@ def resolve_impl(cfg, head_dims: tuple[int, ...], causal_rows: int = 0) -> str:
   """`attention.impl`, with `auto` resolved.
 
   cuDNN where it works; on a CPU, `flash` for causal training rows (`causal_rows`) longer
-  than one `attention.causal_block`: it never holds a row's score matrix, and llama_small's
-  training step ran 4% faster at 512 rows (the same at 2048 rows, 7% faster there with
-  causal_block=256; both systems timed in one process). At one block it only adds the
+  than one `attention.causal_block`, with the block `flash_block` picks: it never holds a
+  row's score matrix, and llama_small's training step ran 4% faster at 512 rows and 5%
+  faster at 2048 (both systems timed in one process). At one block it only adds the
   backward's recomputation (5-15% slower). Else the xla reference: on other backends
   pure-JAX flash is unmeasured.
   """
@@ -167,6 +167,17 @@ def resolve_impl(cfg, head_dims: tuple[int, ...], causal_rows: int = 0) -> str:
   return impl
 
 
+def flash_block(block: int, rows_x_heads: int, length: int, scores: int = 2 ** 20) -> int:
+  """`block` doubled while a block of scores (batch x heads x block^2) stays within `scores`.
+
+  `auto`'s flash block: llama_small's fastest blocks on a CPU both hold about 0.8M float32
+  scores (128 at 8 rows x 6 heads, 256 at 2 x 6: 7% faster than 128 there).
+  """
+  while 2 * block <= length and rows_x_heads * (2 * block) ** 2 <= scores:
+    block *= 2
+  return block
+
+
 def attend(cfg, q_BTNH, k_BSKH, v_BSKH, *, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, scale: float,
            window: int = 0, sinks_N=None, blocked: bool = False):
   """Masked softmax attention by the configured implementation; the part all kinds share.
@@ -178,11 +189,12 @@ def attend(cfg, q_BTNH, k_BSKH, v_BSKH, *, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_B
   impl = resolve_impl(cfg, (q_BTNH.shape[-1], v_BSKH.shape[-1]),
                       causal_rows=q_BTNH.shape[1] if blocked and causal else 0)
   if impl == 'flash':
+    block = cfg.attention.causal_block or max(q_BTNH.shape[1], k_BSKH.shape[1])
+    if cfg.attention.impl == 'auto':
+      block = flash_block(block, q_BTNH.shape[0] * q_BTNH.shape[2], q_BTNH.shape[1])
     return flash.attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT=q_pos_BT, q_seg_BT=q_seg_BT,
                            k_pos_BS=k_pos_BS, k_seg_BS=k_seg_BS, scale=scale, causal=causal,
-                           window=window, sinks_N=sinks_N,
-                           block=cfg.attention.causal_block or max(q_BTNH.shape[1], k_BSKH.shape[1]),
-                           skip=blocked and causal)
+                           window=window, sinks_N=sinks_N, block=block, skip=blocked and causal)
   mask_BTS = attention_mask(q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, causal=causal, window=window)
   if impl == 'xla':
     fn = dot_attention
