@@ -16,11 +16,11 @@ archlab's masked attention and torch's `is_causal` attention compute the same fu
 The optimizer's warmup is set to 0 so the first update moves the weights (lr > 0 at step 0)
 and the update check compares something; the learning rate does not change the step's cost.
 
-Measured on this project's 2-core AMD EPYC machine, idle (load 1.8 at start), 2026-11-30,
-defaults (llama_small, attention.impl=auto, i.e. flash; 4,096 tokens per step; 5 rotations of
-2 steps): seq 512 x 8 archlab 1,726 tokens/s, torch eager 2,028, torch.compile 2,152 -> 0.80x;
-seq 2048 x 2 archlab 1,202, eager 1,429, compile 1,468 -> 0.82x (not met; step_bound.py shows
-why: with these matmul and attention kernels no step could exceed 1.03x / 1.18x). Under load
+Measured on this project's 2-core AMD EPYC machine, idle, 2026-11-30, defaults (llama_small,
+attention.impl=auto, i.e. flash; 4,096 tokens per step; 5 rotations of 2 steps): seq 512 x 8
+archlab 1,709 tokens/s, torch eager 1,940, torch.compile 2,141 -> 0.80x; seq 2048 x 2 archlab
+1,356, eager 1,560, compile 1,639 -> 0.83x (not met; step_bound.py shows why: with these
+matmul and attention kernels no step could exceed 1.03x / 1.18x). Under load
 from other jobs the ratios rise (1.55x / 1.02x once): torch slows down more than archlab on a
 busy machine, so only idle runs count. The whole run takes about 4 minutes idle.
 """
