@@ -31,7 +31,6 @@ from configs import transformer
 from experiments.benchmarks import vs_torch
 from input_pipeline import tokenizer
 from models.layers import attention
-from models.layers import flash
 
 # --preset, --seq_lens, --batch_tokens and --repeats (timed calls of each piece, median) are
 # vs_torch.py's flags, defined when it is imported.
@@ -92,16 +91,14 @@ def time_attention(cfg, batch: int, seq_len: int, repeats: int) -> dict[str, flo
               for heads in (n, k, k))
   pos = np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1))
   seg = np.ones((batch, seq_len), np.int32)
-  block, scale = cfg.attention.causal_block, h ** -0.5
 
   def archlab(impl):
+    impl_cfg = cfg.copy_and_resolve_references()
+    impl_cfg.attention.impl = impl
+
     def loss(q, k, v):
-      if impl == 'flash':
-        out = flash.attention(q, k, v, q_pos_BT=pos, q_seg_BT=seg, k_pos_BS=pos, k_seg_BS=seg,
-                              scale=scale, causal=True, block=block, skip=True)
-      else:
-        mask = attention.attention_mask(pos, seg, pos, seg, causal=True)
-        out = attention.causal_blocks(attention.dot_attention, q, k, v, mask, scale, block)
+      out = attention.attend(impl_cfg, q, k, v, q_pos_BT=pos, q_seg_BT=seg, k_pos_BS=pos,
+                             k_seg_BS=seg, scale=h ** -0.5, blocked=True)
       return jnp.sum(out * out)
     grad = jax.jit(jax.grad(loss, (0, 1, 2)))
     args = tuple(map(jnp.asarray, (q, kk, v)))
