@@ -59,7 +59,8 @@ def _is_bpe(tokenizer_path: str) -> bool:
 
 
 def read_archlab(workdir: str, step: int | None = None):
-  """(model config, params as numpy) of a workdir's latest checkpoint (or `step`)."""
+  """(model config, params, other collections) of a workdir's latest checkpoint (or `step`),
+  as numpy; the collections (e.g. the MoE routing biases) are {} for most models."""
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   if not os.path.isdir(directory):
     raise ValueError(f'{workdir}: no checkpoints/ directory (not an archlab workdir)')
@@ -77,18 +78,23 @@ def read_archlab(workdir: str, step: int | None = None):
     except KeyError:
       raise ValueError(f'{workdir}: checkpoint {step} has model.{name}, which '
                        'configs/common.py no longer has') from None
-  shapes = interop.parameter_shapes(model_config)
+  shapes = interop.variable_shapes(model_config)
   abstract = {}
-  for path, shape in shapes.items():
-    node = abstract
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = jax.ShapeDtypeStruct(shape, jnp.dtype(model_config.param_dtype))
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+  for collection, paths in shapes.items():
+    dtype = jnp.dtype(model_config.param_dtype) if collection == 'params' else jnp.float32
+    for path, shape in paths.items():
+      node = abstract.setdefault(collection, {})
+      for key in path[:-1]:
+        node = node.setdefault(key, {})
+      node[path[-1]] = jax.ShapeDtypeStruct(shape, dtype)
+  item = {'params': abstract.pop('params')}
+  if abstract:  # the trainer keeps the other collections in state['collections']
+    item['collections'] = abstract
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
   restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item={'params': abstract}, restore_args={'params': restore_args}, partial_restore=True)))
+      item=item, restore_args=restore_args, partial_restore=True)))['state']
   mngr.close()
-  return model_config, restored['state']['params']
+  return model_config, restored['params'], restored.get('collections', {})
 
 
 def write_archlab(workdir: str, config, params) -> None:
@@ -120,11 +126,12 @@ def convert(source: str, destination: str, *, step: int | None = None, scan_laye
     print(f'wrote {dst} ({config.model.pattern.count("A")} layers, vocab '
           f'{config.model.vocab_size}) from {src}')
   else:
-    model_config, params = read_archlab(src, step)
+    model_config, params, collections = read_archlab(src, step)
     tokenizer = os.path.join(src, 'tokenizer.json')
     tokenizer = tokenizer if os.path.isfile(tokenizer) and _is_bpe(tokenizer) else None
     written = hf.export_hf(ml_collections.ConfigDict({'model': model_config}), params, dst,
-                           tokenizer_path=tokenizer, model_type=model_type)
+                           tokenizer_path=tokenizer, model_type=model_type,
+                           collections=collections)
     note = '' if tokenizer else ' (no tokenizer.json: the run used archlab\'s byte tokenizer)'
     print(f'wrote {dst} as model_type={written!r} from {src}{note}')
 

@@ -76,12 +76,12 @@ def hf_logits(model, tokens_BT):
     return model(torch.tensor(np.asarray(tokens_BT))).logits.numpy()
 
 
-def archlab_logits(config, params, tokens_BT):
+def archlab_logits(config, params, tokens_BT, collections=None):
   model = models.build(config.model)
   b, t = tokens_BT.shape
   positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
-  logits_BTV, _ = model.apply({'params': params}, jnp.asarray(tokens_BT), positions_BT=positions_BT,
-                              segment_ids_BT=jnp.ones_like(positions_BT))
+  logits_BTV, _ = model.apply({'params': params, **(collections or {})}, jnp.asarray(tokens_BT),
+                              positions_BT=positions_BT, segment_ids_BT=jnp.ones_like(positions_BT))
   return np.asarray(logits_BTV)
 
 
@@ -254,7 +254,8 @@ def test_init_from_then_convert_back(tmp_path, tokens):
   assert tokenizer_lib.load_tokenizer(os.path.join(workdir, 'tokenizer.json')).fingerprint == (
       bpe.fingerprint)
   _, imported = hf.import_hf(hf_dir, config)
-  model_config, trained = convert.read_archlab(workdir)
+  model_config, trained, collections = convert.read_archlab(workdir)
+  assert collections == {}  # a dense model has no other variable collections
   assert not model_config.scan_layers  # llama_tiny unrolls
   imported, trained = dict(_leaves(imported)), dict(_leaves(trained))
   assert sorted(imported) == sorted(trained)
@@ -288,7 +289,7 @@ def test_convert_command_line_round_trip(hf_models, tokens, tmp_path):
                            f'--to=archlab:{archlab_dir}'], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
-  model_config, _ = convert.read_archlab(archlab_dir)
+  model_config, _, _ = convert.read_archlab(archlab_dir)
   assert model_config.scan_layers
   convert.convert(f'archlab:{archlab_dir}', f'hf:{out}')
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()

@@ -20,8 +20,10 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
 import models  # noqa: E402
+import trainer  # noqa: E402
 from configs import common as configs_common  # noqa: E402
 from configs import transformer  # noqa: E402
+from experiments import convert  # noqa: E402
 from models import hf  # noqa: E402
 from models import lm  # noqa: E402
 from tests.test_hf import VOCAB, _write_config, archlab_logits, hf_logits, make_hf_model  # noqa: E402
@@ -192,11 +194,12 @@ def test_mtp_layer_is_ignored_and_extra_tensors_are_named(hf_models, tokens, tmp
 
 
 @pytest.mark.parametrize('preset,model_type,changes', [
-    ('gpt_oss_tiny', 'gpt_oss', {'moe.dispatch': 'dropless'}),
-    # The aux-loss-free bias trained in the moe_bias collection is not a checkpoint tensor
-    # (export refuses moe.bias_update_rate > 0); a frozen correction bias parameter is.
-    ('deepseek_v3_tiny', 'deepseek_v3', {'moe.dispatch': 'dropless', 'moe.bias_update_rate': 0.0,
-                                         'moe.correction_bias': True}),
+    ('gpt_oss_tiny', 'gpt_oss', {}),
+    # Its preset trains with capacity dispatch and the aux-loss-free bias (the moe_bias
+    # collection), which export folds into e_score_correction_bias...
+    ('deepseek_v3_tiny', 'deepseek_v3', {}),
+    # ... added to the frozen correction bias parameter of an imported checkpoint.
+    ('deepseek_v3_tiny', 'deepseek_v3', {'moe.correction_bias': True}),
 ])
 def test_preset_exports_to_transformers(preset, model_type, changes, tokens, tmp_path):
   """The family presets are these families: random weights exported, same logits in HF."""
@@ -205,12 +208,76 @@ def test_preset_exports_to_transformers(preset, model_type, changes, tokens, tmp
   for field, value in changes.items():
     configs_common.set_field(config.model, field, value)
   dummy_BT = np.zeros((1, 1), np.int32)
-  params = nn.meta.unbox(models.build(config.model).init(
-      jax.random.key(0), dummy_BT, positions_BT=dummy_BT, segment_ids_BT=dummy_BT + 1))['params']
+  variables = nn.meta.unbox(models.build(config.model).init(
+      jax.random.key(0), dummy_BT, positions_BT=dummy_BT, segment_ids_BT=dummy_BT + 1))
   rng = np.random.RandomState(0)  # every weight perturbed: biases, sinks, norms too
   params = jax.tree.map(lambda p: np.asarray(p) + 0.05 * rng.standard_normal(p.shape).astype(
-      np.float32), params)
-  assert hf.export_hf(config, params, str(tmp_path)) == model_type
+      np.float32), variables.pop('params'))
+  # A trained routing bias large enough to change which experts the sigmoid scores pick.
+  collections = jax.tree.map(lambda b: 0.5 * rng.standard_normal(b.shape).astype(np.float32),
+                             variables)
+  assert bool(collections) == (preset == 'deepseek_v3_tiny')
+  if collections:
+    with pytest.raises(ValueError, match=r'bias_update_rate=0.001 .*moe_bias.*not given'):
+      hf.export_hf(config, params, str(tmp_path / 'refused'))
+    assert not os.path.exists(tmp_path / 'refused')
+  assert hf.export_hf(config, params, str(tmp_path), collections=collections) == model_type
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).float().eval()
-  np.testing.assert_allclose(hf_logits(reloaded, tokens), archlab_logits(config, params, tokens),
-                             atol=1e-4, rtol=0)
+  config.model.moe.dispatch = 'dropless'  # transformers routes every token
+  want = archlab_logits(config, params, tokens, collections)
+  np.testing.assert_allclose(hf_logits(reloaded, tokens), want, atol=1e-4, rtol=0)
+  if collections:  # the trained bias matters, so the parity above needs the fold
+    zeroed = jax.tree.map(np.zeros_like, collections)
+    assert np.abs(archlab_logits(config, params, tokens, zeroed) - want).max() > 1e-2
+
+
+def test_trained_deepseek_preset_converts_with_its_routing_bias(tokens, tmp_path):
+  """train.py on deepseek_v3_tiny (capacity dispatch, aux-loss-free bias) -> experiments.convert
+  -> transformers: the bias trained in the checkpoint's moe_bias collection is exported."""
+  data_dir = tmp_path / 'data'
+  data_dir.mkdir()
+  for name in ('textwrap.py', 'shlex.py', 'glob.py', 'fnmatch.py', 'bisect.py', 'getopt.py'):
+    (data_dir / f'{name}.txt').write_text(open(os.path.join(os.path.dirname(os.__file__),
+                                                            name)).read())
+  config = transformer.get_config('preset=deepseek_v3_tiny,runlocal')
+  config.data.corpus, config.data.paths = 'text', str(data_dir / '*.txt')
+  config.data.val_fraction, config.data.seq_len, config.data.eval_batches = 0.3, 32, 1
+  config.train.batch_size, config.train.steps = 2, 3
+  config.train.eval_every = config.train.checkpoint_every = 3
+  config.train.progress_bar = False
+  config.model.moe.bias_update_rate = 0.05  # a bias that moves the routing within 3 steps
+  config.peak_flops = 1e12
+  workdir, out = str(tmp_path / 'run'), str(tmp_path / 'hf')
+  trainer.train_and_evaluate(config, workdir)
+
+  model_config, params, collections = convert.read_archlab(workdir)
+  biases = jax.tree.leaves(collections)
+  assert biases and all(np.abs(b).max() >= 0.05 for b in biases)  # one step moves every expert
+  convert.convert(f'archlab:{workdir}', f'hf:{out}')
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+  model_config.moe.dispatch = 'dropless'  # transformers routes every token
+  run = configs_common.base_config()
+  run.model = model_config
+  tokens = tokens % model_config.vocab_size
+  np.testing.assert_allclose(hf_logits(reloaded, tokens),
+                             archlab_logits(run, params, tokens, collections), atol=1e-4, rtol=0)
+
+
+def test_trained_bias_of_a_family_without_correction_bias_is_refused(tmp_path):
+  """A softmax-router MoE (qwen3_moe's kind) trained with the aux-loss-free bias has no
+  tensor to hold that bias: one line that says so, and nothing written."""
+  config = transformer.get_config('preset=qwen3_tiny,runlocal')
+  config.model.vocab_size, config.model.pattern = VOCAB, 'AEAE'
+  config.model.moe.update(num_experts=4, num_experts_per_tok=2, bias_update_rate=0.01)
+  dummy_BT = np.zeros((1, 1), np.int32)
+  variables = nn.meta.unbox(models.build(config.model).init(
+      jax.random.key(0), dummy_BT, positions_BT=dummy_BT, segment_ids_BT=dummy_BT + 1))
+  params = variables.pop('params')
+  with pytest.raises(ValueError, match=r'qwen3_moe: model.moe.correction_bias=True .*'
+                                       r'trained with moe.bias_update_rate') as e:
+    hf.export_hf(config, params, str(tmp_path / 'out'), collections=variables)
+  assert '\n' not in str(e.value)
+  assert not os.path.exists(tmp_path / 'out')
+  config.model.moe.bias_update_rate = 0.0  # the same model without the bias is qwen3_moe
+  del variables
+  assert hf.export_hf(config, params, str(tmp_path / 'out')) == 'qwen3_moe'

@@ -26,10 +26,14 @@ Path = tuple  # a logical archlab parameter path (see the module docstring)
 
 # Model fields that change how a step computes or how parameters are stored, not the function
 # the parameters compute: they are kept from the caller's config and never compared. (The MoE
-# side-loss weights are training choices: a family may translate them, but they never refuse.)
+# side-loss weights are training choices: a family may translate them, but they never refuse.
+# So are the MoE dispatch, which only decides which tokens a training step may drop (an
+# exported model routes every token, as transformers does), and the aux-loss-free bias
+# update, whose trained bias export folds into `moe.correction_bias`: interop.fold_routing_bias.)
 RUNTIME_FIELDS = ('name', 'scan_layers', 'remat', 'dtype', 'param_dtype', 'init_std',
                   'attention.impl', 'attention.causal_block', 'moe.aux_loss_weight',
-                  'moe.router_z_loss_weight')
+                  'moe.router_z_loss_weight', 'moe.dispatch', 'moe.capacity_factor',
+                  'moe.bias_update_rate')
 
 
 class UnsupportedError(ValueError):

@@ -4,7 +4,8 @@ Import: config.json -> the family's translation -> an archlab run config; safete
 the family's mapping table -> logical parameters -> the decoder's tree (`block_{r}` unrolled
 or `blocks` scanned, by `config.model.scan_layers`), checked leaf by leaf against the shapes
 `model.init` would give. Export runs the same tables backwards, after checking that the
-family's config.json translates back into the same archlab architecture.
+family's config.json translates back into the same archlab architecture; a routing bias
+trained in the `moe_bias` collection is first folded into the parameters.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from models.hf import gpt2  # noqa: F401  (registers the family)
 from models.hf import llama  # noqa: F401  (registers the family)
 from models.hf import qwen3  # noqa: F401  (registers the family)
 from models.layers import common
+from models.layers import moe
 
 
 def translate_config(path: str) -> tuple[family_lib.Family, dict, str]:
@@ -36,14 +38,51 @@ def translate_config(path: str) -> tuple[family_lib.Family, dict, str]:
   return family, fields, source
 
 
-def parameter_shapes(model_config) -> dict[tuple, tuple]:
-  """{path in the decoder's tree: shape} from `jax.eval_shape` of `model.init`."""
+def variable_shapes(model_config) -> dict[str, dict[tuple, tuple]]:
+  """{collection: {path in the decoder's tree: shape}} from `jax.eval_shape` of `model.init`."""
   model = models.build(model_config)
   dummy_BT = jnp.zeros((1, 1), jnp.int32)
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy_BT, positions_BT=dummy_BT,
                                                segment_ids_BT=dummy_BT + 1))
-  flat = jax.tree_util.tree_leaves_with_path(_unbox(abstract)['params'])
-  return {tuple(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
+  return {name: {tuple(k.key for k in path): tuple(leaf.shape)
+                 for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+          for name, tree in _unbox(abstract).items()}
+
+
+def parameter_shapes(model_config) -> dict[tuple, tuple]:
+  """{path in the decoder's tree: shape} of the parameters."""
+  return variable_shapes(model_config)['params']
+
+
+def fold_routing_bias(model_config, params, collections):
+  """(model config, params) that compute what the model does with its `collections`.
+
+  DeepSeek V3's auxiliary-loss-free bias trains in the `moe_bias` collection
+  (`moe.bias_update_rate > 0`), not as a parameter. It only shifts the expert selection, as
+  a checkpoint's e_score_correction_bias does, so it is added to `correction_bias` (created
+  at zero where the model has none) and the returned config has `moe.correction_bias=True`.
+  Models without a `moe_bias` collection come back unchanged.
+  """
+  bias = _unbox((collections or {}).get(moe.BIAS_COLLECTION))
+  if not bias:
+    if model_config.get('moe') and model_config.moe.bias_update_rate:
+      raise family_lib.UnsupportedError(
+          f'model.moe.bias_update_rate={model_config.moe.bias_update_rate} trains a routing bias '
+          f'in the {moe.BIAS_COLLECTION!r} collection, which was not given: pass the run\'s '
+          f'collections (experiments.convert reads them from the checkpoint)')
+    return model_config, params
+  flat = {tuple(k.key for k in p): np.asarray(v)
+          for p, v in jax.tree_util.tree_leaves_with_path(params)}
+  for path, value in jax.tree_util.tree_leaves_with_path(bias):
+    path = tuple(k.key for k in path)
+    assert path[-1] == 'bias', path
+    target = path[:-1] + ('correction_bias',)
+    dtype = flat[target].dtype if target in flat else np.dtype(
+        common.dtype_of(model_config.param_dtype))
+    flat[target] = (flat.get(target, 0.0) + np.asarray(value, np.float32)).astype(dtype)
+  model_config = ml_collections.ConfigDict(model_config.to_dict())
+  model_config.moe.correction_bias = True
+  return model_config, _unflatten(flat)
 
 
 class Layout:
@@ -193,15 +232,23 @@ def hf_config_for(model_config, model_type: str | None = None):
 
 
 def export_hf(config, params, path: str, *, tokenizer_path: str | None = None,
-              model_type: str | None = None) -> str:
+              model_type: str | None = None, collections: dict | None = None) -> str:
   """Writes `params` of the model in `config` (a run config or its `.model`) to directory
   `path` as config.json + model.safetensors that transformers loads. The family is
   `model_type` or the first one that expresses the model exactly. `tokenizer_path` (a
-  tokenizer.json) is copied beside them and sets bos/eos/pad ids. Returns the model_type.
+  tokenizer.json) is copied beside them and sets bos/eos/pad ids. `collections` are the
+  model's other variable collections (a run's `state['collections']`); a trained `moe_bias`
+  is folded into the routing correction bias (`fold_routing_bias`). Returns the model_type.
   """
-  model_config = config.model if 'model' in config else config
-  params = _strip_params(params)
-  family, hf_config = hf_config_for(model_config, model_type)
+  trained = config.model if 'model' in config else config
+  model_config, params = fold_routing_bias(trained, _strip_params(params), collections)
+  try:
+    family, hf_config = hf_config_for(model_config, model_type)
+  except family_lib.UnsupportedError as e:
+    if model_config is trained:
+      raise
+    raise family_lib.UnsupportedError(f'{e} (moe.correction_bias=True holds the routing bias '
+                                      'trained with moe.bias_update_rate)') from None
   shapes = parameter_shapes(model_config)
   layout = Layout(model_config)
   flat = {tuple(k.key for k in p): np.asarray(v)

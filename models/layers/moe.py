@@ -28,8 +28,9 @@ Balancing: the Switch/GShard auxiliary loss `loss/moe_aux` (1 at perfect balance
 over layers), the router z-loss `loss/moe_router_z` (ST-MoE) and DeepSeek V3's
 auxiliary-loss-free bias: a per-expert bias in the flax collection `moe_bias`, not a
 parameter, which a training step (the collection mutable) moves by
-`bias_update_rate * sign(mean load - load)`. Padding tokens (segment id 0) are not routed,
-counted or dropped.
+`bias_update_rate * sign(mean load - load)`. It adds to `correction_bias` when both are on,
+and export folds it into that parameter (models/hf/interop.fold_routing_bias). Padding tokens
+(segment id 0) are not routed, counted or dropped.
 
 Letters beyond the key in models/__init__.py: here `T` counts all tokens of the call
 (batch x length, flattened), `X` the routed choices per token (top-k), `R` routed slots
