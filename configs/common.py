@@ -137,6 +137,8 @@ def model_defaults() -> ml_collections.ConfigDict:
                                      #   selection only (a checkpoint's e_score_correction_bias)
           dispatch='dropless',       # dropless (ragged_dot) | capacity | dense (reference)
           capacity_factor=1.25,      # capacity: slots per expert = cf * tokens * k / E
+          capacity_group='row',      # capacity: a buffer per batch row (tokens stay on their
+                                     #   device) | batch (one for all tokens of the step)
       ),
   ))
 

@@ -16,6 +16,7 @@ down-projections (embed, latent) stay sharded by `embed`.
   mlp                 -       -       tensor    -
   vocab               -       -       tensor    -
   experts             -       -       -         expert
+  expert_groups       data, fsdp, expert (data, fsdp in fsdp_ep): MoE capacity groups
   length, head_dim, norm, layers, position, state: replicated
 
 Axes the rules do not name (or a mesh axis of size 1) leave that dimension replicated.
@@ -43,6 +44,12 @@ PRESETS = {
         ('experts', 'expert'), ('embed', 'fsdp'), ('latent', 'fsdp'), ('heads', None),
         ('kv_heads', None), ('mlp', None), ('vocab', None)),
 }
+
+
+# MoE capacity buffers (group, expert, slot, embed): the group axis keeps the batch's mesh
+# axes, except `expert` when the experts took it (fsdp_ep: tokens move to their experts).
+PRESETS = {name: rules + (('expert_groups', BATCH), ('expert_groups', ('data', 'fsdp')))
+           for name, rules in PRESETS.items()}
 
 
 def get_rules(name: str):

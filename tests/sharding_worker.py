@@ -211,7 +211,7 @@ def task_steps(args) -> dict:
           'collections_moved': rel_diff(flat(new['collections']), flat(init['collections'])),
           'specs': specs,
       }
-      if preset in ('dp', 'fsdp'):
+      if preset in ('dp', 'fsdp', 'fsdp_ep'):
         res[preset]['collectives'] = collectives_report(run_, hlo)
     out[family] = res
   return out

@@ -153,46 +153,68 @@ def test_dispatch_equals_every_expert_reference(case):
     np.testing.assert_allclose(aux['moe/load_E'], counts_E / counts_E.sum(), atol=1e-6)
 
 
-def test_capacity_drops_exactly_the_overflow_when_one_expert_takes_everything():
+@pytest.mark.parametrize('group', ['batch', 'row'])
+def test_capacity_drops_exactly_the_overflow_when_one_expert_takes_everything(group):
   # The routing bias only picks experts: +10 on expert 0 sends every token's first choice there.
-  x_BTD, seg_BT = inputs()                                  # 24 tokens, 21 valid
+  x_BTD, seg_BT = inputs()                                  # 2 rows of 12 tokens, 21 valid
   cfg = moe_config(**{'moe.num_experts': 4, 'moe.num_experts_per_tok': 1,
-                      'moe.dispatch': 'capacity', 'moe.capacity_factor': 1.0})
+                      'moe.dispatch': 'capacity', 'moe.capacity_factor': 1.0,
+                      'moe.capacity_group': group})
   layer, variables = init_layer(cfg, x_BTD, seg_BT)
   variables['moe_bias'] = {'bias': jnp.array([10.0, 0.0, 0.0, 0.0])}
-  slots = moe.capacity(cfg.moe, 24)
-  assert slots == math.ceil(1.0 * 24 * 1 / 4) == 6
+  # One queue of 6 slots for the 24 tokens, or one of 3 slots for each row of 12.
+  fits_T = np.arange(24) < 6 if group == 'batch' else np.arange(24) % 12 < 3
+  slots = moe.capacity(cfg.moe, 24 if group == 'batch' else 12)
+  assert slots == {'batch': math.ceil(1.0 * 24 * 1 / 4), 'row': math.ceil(1.0 * 12 * 1 / 4)}[group]
   y_BTD, aux = layer.apply(variables, x_BTD, segment_ids_BT=seg_BT)
-  assert float(aux['moe/dropped_fraction']) == pytest.approx((21 - 6) / 21)
+  assert float(aux['moe/dropped_fraction']) == pytest.approx((21 - fits_T.sum()) / 21)
   np.testing.assert_allclose(aux['moe/load_E'], [1.0, 0.0, 0.0, 0.0])
   assert float(aux['moe/max_load']) == pytest.approx(4.0)
   dropless = moe_config(**{'moe.num_experts': 4, 'moe.num_experts_per_tok': 1})
   full_BTD, _ = moe.Moe(dropless).apply(variables, x_BTD, segment_ids_BT=seg_BT)
   y_TD, full_TD = np.asarray(y_BTD).reshape(-1, D), np.asarray(full_BTD).reshape(-1, D)
-  np.testing.assert_allclose(y_TD[:6], full_TD[:6], atol=1e-6)  # the first 6 tokens fit
-  assert np.all(y_TD[6:] == 0) and np.all(np.abs(full_TD[6:21]).max(-1) > 0)
+  np.testing.assert_allclose(y_TD[fits_T], full_TD[fits_T], atol=1e-6)  # the first tokens fit
+  valid_T = np.asarray(seg_BT).reshape(-1) != 0
+  assert np.all(y_TD[~fits_T] == 0) and np.all(np.abs(full_TD[~fits_T & valid_T]).max(-1) > 0)
 
 
-def test_capacity_keeps_each_experts_first_slots_first_choices_first():
+@pytest.mark.parametrize('group', ['batch', 'row'])
+def test_capacity_keeps_each_experts_first_slots_first_choices_first(group):
   x_BTD, seg_BT = inputs(b=3, t=16, pad=5, seed=3)
   cfg = moe_config(**{'moe.dispatch': 'capacity', 'moe.capacity_factor': 0.5,
-                      'moe.num_shared_experts': 1})
+                      'moe.num_shared_experts': 1, 'moe.capacity_group': group})
   layer, variables = init_layer(cfg, x_BTD, seg_BT, seed=4)
   top_TX, weights_TX, out_ETD, shared_TD, valid_T = reference(cfg, variables, x_BTD, seg_BT)
-  slots = moe.capacity(cfg.moe, 48)
-  assert slots == 6
-  used, keep_TX = np.zeros(8, int), np.zeros(top_TX.shape, bool)
-  for choice in range(top_TX.shape[1]):   # a queue per expert: first choices, then token order
-    for t in np.flatnonzero(valid_T):
-      e = top_TX[t, choice]
-      keep_TX[t, choice] = used[e] < slots
-      used[e] += 1
+  queues = [np.arange(48)] if group == 'batch' else np.arange(48).reshape(3, 16)
+  slots = moe.capacity(cfg.moe, len(queues[0]))
+  assert slots == {'batch': 6, 'row': 2}[group]
+  keep_TX = np.zeros(top_TX.shape, bool)
+  for tokens in queues:  # a queue per expert: first choices, then token order
+    used = np.zeros(8, int)
+    for choice in range(top_TX.shape[1]):
+      for t in tokens[valid_T[tokens]]:
+        e = top_TX[t, choice]
+        keep_TX[t, choice] = used[e] < slots
+        used[e] += 1
   dropped = np.sum(~keep_TX[valid_T])
   assert dropped > 0
   y_BTD, aux = layer.apply(variables, x_BTD, segment_ids_BT=seg_BT)
   expected_TD = combine(top_TX, weights_TX, out_ETD, keep_TX) + shared_TD
   np.testing.assert_allclose(np.asarray(y_BTD).reshape(-1, D), expected_TD, atol=1e-5, rtol=1e-5)
   assert float(aux['moe/dropped_fraction']) == pytest.approx(dropped / (2 * valid_T.sum()))
+
+
+def test_row_capacity_does_not_depend_on_the_other_rows():
+  """With a buffer per row, each row's output is the one it gets alone in the batch."""
+  x_BTD, seg_BT = inputs(b=3, t=16, pad=5, seed=6)
+  cfg = moe_config(**{'moe.dispatch': 'capacity', 'moe.capacity_factor': 0.5,
+                      'moe.capacity_group': 'row'})
+  layer, variables = init_layer(cfg, x_BTD, seg_BT, seed=7)
+  y_BTD, aux = layer.apply(variables, x_BTD, segment_ids_BT=seg_BT)
+  assert float(aux['moe/dropped_fraction']) > 0
+  for i in range(3):
+    alone_BTD, _ = layer.apply(variables, x_BTD[i:i + 1], segment_ids_BT=seg_BT[i:i + 1])
+    np.testing.assert_allclose(y_BTD[i], alone_BTD[0], atol=1e-6, err_msg=f'row {i}')
 
 
 def test_bias_update_moves_loads_toward_balance_on_a_skewed_router():
@@ -257,6 +279,7 @@ def test_aux_and_z_losses_equal_hand_computed_values(router, aux_value):
     ('n_group', 3, 'model.moe.n_group=3 must be a positive divisor of model.moe.num_experts=4'),
     ('topk_group', 3, 'model.moe.topk_group=3 must be in [1, model.moe.n_group=1]'),
     ('capacity_factor', 0.0, 'model.moe.capacity_factor=0.0 must be positive'),
+    ('capacity_group', 'token', "model.moe.capacity_group='token' is not one of ('row', 'batch')"),
     ('shared_expert_gate', True, 'model.moe.shared_expert_gate=True needs model.moe.num_shared_experts > 0'),
     ('bias_update_rate', -1.0, 'model.moe.bias_update_rate=-1.0 must be >= 0'),
 ])
@@ -363,3 +386,13 @@ def test_tiny_moe_model_trains_end_to_end_and_resumes_bitwise(tmp_path):
   assert straight.keys() == resumed.keys()
   for key in straight:
     assert np.asarray(straight[key]).tobytes() == np.asarray(resumed[key]).tobytes(), key
+
+
+def test_top_k_is_lax_top_k_ties_included():
+  """The sort-based top-k (which XLA partitions without gathering) picks what lax.top_k does."""
+  x = np.random.default_rng(0).normal(size=(64, 3, 8)).astype(np.float32)
+  x[:, :, 5] = x[:, :, 2]  # ties: the lower index first
+  x[0, 0, :4] = -np.inf
+  for k in (1, 2, 5):
+    for got, want in zip(moe.top_k(jnp.asarray(x), k), jax.lax.top_k(jnp.asarray(x), k)):
+      np.testing.assert_array_equal(got, want)

@@ -1,6 +1,6 @@
 """Sharded == unsharded on 8 forced CPU devices: one training step of every family under every
 rules preset, the parameter layouts against checked-in tables, and the collectives that dp
-and fsdp compile to. The 8-device work runs in one subprocess (tests/sharding_worker.py);
+and fsdp (and fsdp_ep for MoE) compile to. The 8-device work runs in one subprocess (tests/sharding_worker.py);
 the tests compare what it reports."""
 
 import json
@@ -110,7 +110,7 @@ def results_of(collectives, *ops) -> list:
 def test_dp_all_reduces_gradients_and_fsdp_gathers_parameters(steps, family):
   """The compiled step's collectives, matched to parameters by shape (XLA may gather a 3-D
   projection reshaped to 2-D, and reduce a gradient transposed). dp: parameters are replicated, so every gradient
-  is all-reduced and no parameter is gathered (an MoE layer still gathers routed tokens).
+  is all-reduced and nothing is gathered (MoE routed tokens included).
   fsdp: every parameter sharded over `fsdp` is all-gathered before use (the token table
   excepted: XLA partitions its row lookup without gathering it), and its gradient is
   reduced: reduce-scatter, or on XLA:CPU all-reduce and a slice."""
@@ -121,12 +121,10 @@ def test_dp_all_reduces_gradients_and_fsdp_gathers_parameters(steps, family):
   dp_gathers = results_of(dp['collectives'], 'all-gather', 'reduce-scatter')
   gathered_params = [k for k in params if any(is_form(params[k], r) for r in dp_gathers)]
   assert not gathered_params, f'dp gathers parameters: {gathered_params}'
-  # Routed experts under capacity dispatch are the exception to gradient reduction: the
-  # E x capacity buffer is global, so GSPMD gathers the tokens and computes every expert
-  # (and its whole gradient) on every device. Per-shard capacity groups (GShard) would
-  # avoid that; not done yet.
-  dense = [k for k in params if not re.search(r'\dE/op/w[iuo]$', k)]
-  missing = unmatched(params, dense, results_of(dp['collectives'], 'all-reduce'), is_form)
+  # MoE capacity dispatch keeps a buffer per batch row, so the routed tokens stay on their
+  # device too: nothing at all is gathered, and the experts' gradients are all-reduced.
+  assert not dp_gathers, f'dp gathers {dp_gathers}'
+  missing = unmatched(params, list(params), results_of(dp['collectives'], 'all-reduce'), is_form)
   assert not missing, f'dp: gradients not all-reduced: {missing}'
 
   sharded = [k for k in fsdp['fsdp_sharded'] if k != 'embed']
@@ -134,7 +132,7 @@ def test_dp_all_reduces_gradients_and_fsdp_gathers_parameters(steps, family):
   assert not missing, f'fsdp: parameters not all-gathered: {missing}'
   reduced = lambda shape, r: (r[0] == 'all-reduce' and r[1] in forms(shape)) or (
       r[0] == 'reduce-scatter' and 8 * math.prod(r[1]) == math.prod(shape))
-  missing = unmatched(params, [k for k in sharded if k in dense],
+  missing = unmatched(params, sharded,
                       results_of(fsdp['collectives'], 'all-reduce', 'reduce-scatter'), reduced)
   assert not missing, f'fsdp: gradients not reduced: {missing}'
 
@@ -151,3 +149,20 @@ def test_a_layout_the_mesh_cannot_hold_is_one_line():
                      'axes data x fsdp x expert = 2'):
     loop.check_divisible({}, {}, mesh, batch_size=5)
   loop.check_divisible({'params': {'k': sharding('fsdp', None, None)}}, abstract, mesh, 8)
+
+
+@pytest.mark.parametrize('family', ['deepseek_v3', 'deepseek_v3_dropless'])
+def test_fsdp_ep_moves_tokens_not_experts(steps, family):
+  """Under fsdp_ep each device keeps its share of the routed experts: they are never gathered
+  whole (capacity dispatch gathers them over `fsdp` only: E / 4 experts of full width); the
+  tokens travel instead."""
+  report = steps[family]['fsdp_ep']['collectives']
+  params = report['param_shapes']
+  experts = [k for k in params if re.search(r'\dE/op/w[iuo]$', k)]
+  assert experts
+  gathers = results_of(report['collectives'], 'all-gather')
+  whole = [k for k in experts if any(r[1] in forms(params[k]) for r in gathers)]
+  assert not whole, f'{family} under fsdp_ep gathers whole expert weights: {whole}'
+  if family == 'deepseek_v3':  # capacity dispatch: each device runs its 2 experts, full width
+    local = [k for k in experts if (params[k][0] // 4, *params[k][1:]) in {r[1] for r in gathers}]
+    assert local == experts, f'experts not gathered over fsdp: {set(experts) - set(local)}'

@@ -33,7 +33,7 @@ Path = tuple  # a logical archlab parameter path (see the module docstring)
 RUNTIME_FIELDS = ('name', 'scan_layers', 'remat', 'dtype', 'param_dtype', 'init_std',
                   'attention.impl', 'attention.causal_block', 'moe.aux_loss_weight',
                   'moe.router_z_loss_weight', 'moe.dispatch', 'moe.capacity_factor',
-                  'moe.bias_update_rate')
+                  'moe.capacity_group', 'moe.bias_update_rate')
 
 
 class UnsupportedError(ValueError):

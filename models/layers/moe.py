@@ -16,7 +16,10 @@ Dispatch (`model.moe.dispatch`):
             costs E times the useful work; TPU and GPU have grouped-matmul kernels);
   capacity  each expert takes at most ceil(capacity_factor * tokens * k / E) slots into an
             E x Q buffer (first choices before second choices, then token order); overflow is
-            dropped (its output is zero) and counted in `moe/dropped_fraction`;
+            dropped (its output is zero) and counted in `moe/dropped_fraction`. The tokens
+            share one buffer per batch row (`moe.capacity_group='row'`, MaxText's and
+            GShard's grouping: no token leaves its data shard, and which tokens drop does
+            not depend on the batch or the mesh) or one for the whole batch ('batch');
   dense     the reference: every expert on every token, masked by the routing weights.
 
 Biases (`model.use_bias` or `model.mlp_bias`, GPT-OSS) go on the router logits and on every
@@ -53,6 +56,7 @@ from models.layers import mlp
 
 ROUTERS = ('softmax', 'sigmoid')
 DISPATCHES = ('dropless', 'capacity', 'dense')
+CAPACITY_GROUPS = ('row', 'batch')
 BIAS_COLLECTION = 'moe_bias'
 
 
@@ -72,6 +76,17 @@ def capacity(moe_cfg, num_tokens: int) -> int:
   return max(1, min(c, num_tokens))
 
 
+def top_k(x, k: int):
+  """`jax.lax.top_k` over the last axis (ties: the lower index first) as a stable sort.
+
+  XLA's SPMD partitioner gathers a top_k operand that is sharded on its other axes (every
+  token to every device under data parallelism); a sort along the last axis stays local.
+  """
+  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  neg, index = jax.lax.sort((-x, iota), dimension=x.ndim - 1, is_stable=True, num_keys=1)
+  return -neg[..., :k], index[..., :k]
+
+
 def route(logits_TE, bias_E, moe_cfg):
   """Top-k routing in float32: returns (weights_TX, experts_TX, scores_TE)."""
   m = moe_cfg
@@ -85,11 +100,11 @@ def route(logits_TE, bias_E, moe_cfg):
     # DeepSeek V3: a group's score is the sum of its two best experts' choice scores.
     t, e = choice_TE.shape
     choice_TUJ = choice_TE.reshape(t, m.n_group, e // m.n_group)
-    best_TU = jax.lax.top_k(choice_TUJ, min(2, e // m.n_group))[0].sum(-1)
-    _, groups_TK = jax.lax.top_k(best_TU, m.topk_group)
+    best_TU = top_k(choice_TUJ, min(2, e // m.n_group))[0].sum(-1)
+    _, groups_TK = top_k(best_TU, m.topk_group)
     keep_TU = jnp.any(jax.nn.one_hot(groups_TK, m.n_group, dtype=jnp.bool_), axis=-2)
     choice_TE = jnp.where(keep_TU[:, :, None], choice_TUJ, -jnp.inf).reshape(t, e)
-  _, experts_TX = jax.lax.top_k(choice_TE, m.num_experts_per_tok)
+  _, experts_TX = top_k(choice_TE, m.num_experts_per_tok)
   weights_TX = jnp.take_along_axis(scores_TE, experts_TX, axis=-1)
   if m.norm_topk_prob:
     weights_TX = weights_TX / (jnp.sum(weights_TX, -1, keepdims=True) + 1e-20)
@@ -177,28 +192,36 @@ def dispatch_dropless(x_TD, weights_TX, experts_TX, valid_T, w, act, gated):
   return y_TD, jnp.zeros((), jnp.float32)
 
 
-def dispatch_capacity(x_TD, weights_TX, experts_TX, valid_T, w, act, gated, slots: int):
-  """Each expert takes its first `slots` routed slots into an E x Q buffer; the rest drop.
+def dispatch_capacity(x_GSD, weights_GSX, experts_GSX, valid_GS, w, act, gated, slots: int):
+  """In each of G groups of S tokens, each expert takes its first `slots` routed slots into a
+  G x E x Q buffer; the rest drop.
 
-  Returns (y_TD, dropped) with `dropped` the number of valid slots that found no room.
+  Returns (y_GSD, dropped) with `dropped` the number of valid slots that found no room. With
+  several groups (a batch row each, `moe.capacity_group='row'`) the buffer's group axis keeps
+  the batch sharding, so tokens stay on their device (`fsdp_ep` moves them to their experts).
   """
-  t, k = experts_TX.shape
-  e, d = w['wi'].shape[0], x_TD.shape[-1]
-  expert_R = experts_TX.T.reshape(-1)         # choice-major: first choices have priority
-  valid_R = jnp.tile(valid_T, k)
-  _, _, rank_R = sort_slots(expert_R, valid_R, e)
-  keep_R = valid_R & (rank_R < slots)
-  dest_R = jnp.where(keep_R, expert_R * slots + rank_R, e * slots)  # out of range: dropped
-  token_R = jnp.arange(k * t) % t
-  x_QD = jnp.zeros((e * slots, d), x_TD.dtype).at[dest_R].set(x_TD[token_R], mode='drop')
-  x_EQD = common.constrain(x_QD.reshape(e, slots, d), ('experts', None, None))
-  out_EQD = expert_ffn(x_EQD, w, act, gated, jnp.matmul, lambda b_E: b_E[:, None])
-  out_EQD = common.constrain(out_EQD, ('experts', None, None))
-  out_RD = out_EQD.reshape(e * slots, d).at[dest_R].get(mode='fill', fill_value=0)
-  out_XTD = out_RD.reshape(k, t, d)
-  y_TD = jnp.einsum('XTD,TX->TD', out_XTD, weights_TX.astype(out_XTD.dtype))
-  dropped = jnp.sum((valid_R & ~keep_R).astype(jnp.float32))
-  return y_TD, dropped
+  g, s, k = experts_GSX.shape
+  e, d = w['wi'].shape[0], x_GSD.shape[-1]
+  expert_GR = experts_GSX.transpose(0, 2, 1).reshape(g, k * s)  # choice-major: first choices
+  valid_GR = jnp.tile(valid_GS, (1, k))                          # have priority
+  rank_GR = jax.vmap(lambda ex_R, va_R: sort_slots(ex_R, va_R, e)[2])(expert_GR, valid_GR)
+  keep_GR = valid_GR & (rank_GR < slots)
+  dest_GR = jnp.where(keep_GR, expert_GR * slots + rank_GR, e * slots)  # out of range: dropped
+  token_R = jnp.arange(k * s) % s
+  # Per group (vmap), so the scatter and gather have a batch axis the partitioner keeps local.
+  x_GQD = jax.vmap(lambda x_SD, dest_R: jnp.zeros((e * slots, d), x_SD.dtype).at[dest_R].set(
+      x_SD[token_R], mode='drop'))(x_GSD, dest_GR)
+  axes = ('expert_groups' if g > 1 else None, 'experts', None, None)
+  x_GEQD = common.constrain(x_GQD.reshape(g, e, slots, d), axes)
+  matmul = lambda x, w_E: jnp.einsum('GEQD,EDF->GEQF', x, w_E)
+  out_GEQD = common.constrain(expert_ffn(x_GEQD, w, act, gated, matmul, lambda b_E: b_E[:, None]),
+                              axes)
+  out_GRD = jax.vmap(lambda out_QD, dest_R: out_QD.at[dest_R].get(mode='fill', fill_value=0))(
+      out_GEQD.reshape(g, e * slots, d), dest_GR)
+  out_GXSD = out_GRD.reshape(g, k, s, d)
+  y_GSD = jnp.einsum('GXSD,GSX->GSD', out_GXSD, weights_GSX.astype(out_GXSD.dtype))
+  dropped = jnp.sum((valid_GR & ~keep_GR).astype(jnp.float32))
+  return y_GSD, dropped
 
 
 def dispatch_dense(x_TD, weights_TX, experts_TX, valid_T, w, act, gated):
@@ -240,6 +263,9 @@ class Moe(nn.Module):
       raise ValueError(f'model.moe.dispatch={m.dispatch!r} is not one of {DISPATCHES}')
     if m.capacity_factor <= 0:
       raise ValueError(f'model.moe.capacity_factor={m.capacity_factor} must be positive')
+    if m.capacity_group not in CAPACITY_GROUPS:
+      raise ValueError(f'model.moe.capacity_group={m.capacity_group!r} is not one of '
+                       f'{CAPACITY_GROUPS}')
     if m.routed_scaling_factor <= 0:
       raise ValueError(f'model.moe.routed_scaling_factor={m.routed_scaling_factor} must be positive')
     if m.shared_expert_gate and not m.num_shared_experts:
@@ -322,8 +348,11 @@ class Moe(nn.Module):
     if m.dispatch == 'dropless':
       y_TD, dropped = dispatch_dropless(x_TD, weights_TX, experts_TX, valid_T, w, act, gated)
     elif m.dispatch == 'capacity':
-      y_TD, dropped = dispatch_capacity(x_TD, weights_TX, experts_TX, valid_T, w, act, gated,
-                                        capacity(m, b * t))
+      g, k = (b if m.capacity_group == 'row' else 1), m.num_experts_per_tok
+      y_GSD, dropped = dispatch_capacity(
+          x_TD.reshape(g, -1, d), weights_TX.reshape(g, -1, k), experts_TX.reshape(g, -1, k),
+          valid_T.reshape(g, -1), w, act, gated, capacity(m, b * t // g))
+      y_TD = y_GSD.reshape(b * t, d)
     else:
       y_TD, dropped = dispatch_dense(x_TD, weights_TX, experts_TX, valid_T, w, act, gated)
     y_BTD = y_TD.reshape(b, t, d).astype(dtype)
