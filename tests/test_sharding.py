@@ -1,7 +1,7 @@
 """Sharded == unsharded on 8 forced CPU devices: one training step of every family under every
-rules preset, the parameter layouts against checked-in tables, and the collectives that dp
-and fsdp (and fsdp_ep for MoE) compile to. The 8-device work runs in one subprocess (tests/sharding_worker.py);
-the tests compare what it reports."""
+rules preset, the parameter layouts against checked-in tables, and the collectives that dp,
+fsdp and (for MoE) fsdp_ep compile to. The 8-device work runs in one subprocess
+(tests/sharding_worker.py); the tests compare what it reports."""
 
 import json
 import math

@@ -37,8 +37,9 @@ and export folds it into that parameter (models/hf/interop.fold_routing_bias). P
 
 Letters beyond the key in models/__init__.py: here `T` counts all tokens of the call
 (batch x length, flattened), `X` the routed choices per token (top-k), `R` routed slots
-(X x T, choice-major), `Q` the capacity slots per expert, `U` expert groups and `J` experts
-per group (group-limited routing).
+(X x T, choice-major), `Q` the capacity slots per expert, `W` capacity groups of `M` tokens
+(batch rows, or the whole batch), `U` expert groups and `J` experts per group (group-limited
+routing).
 """
 
 from __future__ import annotations
@@ -192,36 +193,37 @@ def dispatch_dropless(x_TD, weights_TX, experts_TX, valid_T, w, act, gated):
   return y_TD, jnp.zeros((), jnp.float32)
 
 
-def dispatch_capacity(x_GSD, weights_GSX, experts_GSX, valid_GS, w, act, gated, slots: int):
-  """In each of G groups of S tokens, each expert takes its first `slots` routed slots into a
-  G x E x Q buffer; the rest drop.
+def dispatch_capacity(x_WMD, weights_WMX, experts_WMX, valid_WM, w, act, gated, slots: int):
+  """In each of W groups of M tokens, each expert takes its first `slots` routed slots into a
+  W x E x Q buffer; the rest drop.
 
-  Returns (y_GSD, dropped) with `dropped` the number of valid slots that found no room. With
+  Returns (y_WMD, dropped) with `dropped` the number of valid slots that found no room. With
   several groups (a batch row each, `moe.capacity_group='row'`) the buffer's group axis keeps
   the batch sharding, so tokens stay on their device (`fsdp_ep` moves them to their experts).
   """
-  g, s, k = experts_GSX.shape
-  e, d = w['wi'].shape[0], x_GSD.shape[-1]
-  expert_GR = experts_GSX.transpose(0, 2, 1).reshape(g, k * s)  # choice-major: first choices
-  valid_GR = jnp.tile(valid_GS, (1, k))                          # have priority
-  rank_GR = jax.vmap(lambda ex_R, va_R: sort_slots(ex_R, va_R, e)[2])(expert_GR, valid_GR)
-  keep_GR = valid_GR & (rank_GR < slots)
-  dest_GR = jnp.where(keep_GR, expert_GR * slots + rank_GR, e * slots)  # out of range: dropped
-  token_R = jnp.arange(k * s) % s
+  groups, per_group, k = experts_WMX.shape
+  e, d = w['wi'].shape[0], x_WMD.shape[-1]
+  # Choice-major slots: first choices have priority.
+  expert_WR = experts_WMX.transpose(0, 2, 1).reshape(groups, k * per_group)
+  valid_WR = jnp.tile(valid_WM, (1, k))
+  rank_WR = jax.vmap(lambda ex_R, va_R: sort_slots(ex_R, va_R, e)[2])(expert_WR, valid_WR)
+  keep_WR = valid_WR & (rank_WR < slots)
+  dest_WR = jnp.where(keep_WR, expert_WR * slots + rank_WR, e * slots)  # out of range: dropped
+  token_R = jnp.arange(k * per_group) % per_group
   # Per group (vmap), so the scatter and gather have a batch axis the partitioner keeps local.
-  x_GQD = jax.vmap(lambda x_SD, dest_R: jnp.zeros((e * slots, d), x_SD.dtype).at[dest_R].set(
-      x_SD[token_R], mode='drop'))(x_GSD, dest_GR)
-  axes = ('expert_groups' if g > 1 else None, 'experts', None, None)
-  x_GEQD = common.constrain(x_GQD.reshape(g, e, slots, d), axes)
-  matmul = lambda x, w_E: jnp.einsum('GEQD,EDF->GEQF', x, w_E)
-  out_GEQD = common.constrain(expert_ffn(x_GEQD, w, act, gated, matmul, lambda b_E: b_E[:, None]),
+  x_WQD = jax.vmap(lambda x_MD, dest_R: jnp.zeros((e * slots, d), x_MD.dtype).at[dest_R].set(
+      x_MD[token_R], mode='drop'))(x_WMD, dest_WR)
+  axes = ('expert_groups' if groups > 1 else None, 'experts', None, None)
+  x_WEQD = common.constrain(x_WQD.reshape(groups, e, slots, d), axes)
+  matmul = lambda x, w_E: jnp.einsum('WEQD,EDF->WEQF', x, w_E)
+  out_WEQD = common.constrain(expert_ffn(x_WEQD, w, act, gated, matmul, lambda b_E: b_E[:, None]),
                               axes)
-  out_GRD = jax.vmap(lambda out_QD, dest_R: out_QD.at[dest_R].get(mode='fill', fill_value=0))(
-      out_GEQD.reshape(g, e * slots, d), dest_GR)
-  out_GXSD = out_GRD.reshape(g, k, s, d)
-  y_GSD = jnp.einsum('GXSD,GSX->GSD', out_GXSD, weights_GSX.astype(out_GXSD.dtype))
-  dropped = jnp.sum((valid_GR & ~keep_GR).astype(jnp.float32))
-  return y_GSD, dropped
+  out_WRD = jax.vmap(lambda out_QD, dest_R: out_QD.at[dest_R].get(mode='fill', fill_value=0))(
+      out_WEQD.reshape(groups, e * slots, d), dest_WR)
+  out_WXMD = out_WRD.reshape(groups, k, per_group, d)
+  y_WMD = jnp.einsum('WXMD,WMX->WMD', out_WXMD, weights_WMX.astype(out_WXMD.dtype))
+  dropped = jnp.sum((valid_WR & ~keep_WR).astype(jnp.float32))
+  return y_WMD, dropped
 
 
 def dispatch_dense(x_TD, weights_TX, experts_TX, valid_T, w, act, gated):
@@ -348,11 +350,12 @@ class Moe(nn.Module):
     if m.dispatch == 'dropless':
       y_TD, dropped = dispatch_dropless(x_TD, weights_TX, experts_TX, valid_T, w, act, gated)
     elif m.dispatch == 'capacity':
-      g, k = (b if m.capacity_group == 'row' else 1), m.num_experts_per_tok
-      y_GSD, dropped = dispatch_capacity(
-          x_TD.reshape(g, -1, d), weights_TX.reshape(g, -1, k), experts_TX.reshape(g, -1, k),
-          valid_T.reshape(g, -1), w, act, gated, capacity(m, b * t // g))
-      y_TD = y_GSD.reshape(b * t, d)
+      groups, k = (b if m.capacity_group == 'row' else 1), m.num_experts_per_tok
+      y_WMD, dropped = dispatch_capacity(
+          x_TD.reshape(groups, -1, d), weights_TX.reshape(groups, -1, k),
+          experts_TX.reshape(groups, -1, k), valid_T.reshape(groups, -1), w, act, gated,
+          capacity(m, b * t // groups))
+      y_TD = y_WMD.reshape(b * t, d)
     else:
       y_TD, dropped = dispatch_dense(x_TD, weights_TX, experts_TX, valid_T, w, act, gated)
     y_BTD = y_TD.reshape(b, t, d).astype(dtype)
