@@ -137,6 +137,17 @@ def test_bad_input_is_one_line(tmp_path, flag, message):
   assert last.startswith('train.py: error:') and message in last, proc.stderr[-2000:]
 
 
+def test_model_fields_are_checked_before_the_data_is_read(tmp_path):
+  """A bad model field is reported even when the data could not be read (nor was)."""
+  proc = run_train(str(tmp_path / 'run'), '--config.model.num_kv_heads=3',
+                   '--config.data.corpus=text', '--config.data.paths=/nonexistent/*.txt',
+                   check=False)
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('train.py: error: model.num_heads=4 must be a positive multiple of '
+                         'model.num_kv_heads=3'), proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize('config_arg,flag,message', [
     ('preset=nope,runlocal', None, "preset='nope' is not one of"),
     ('preset=llama_tiny,bogus=1', None, "config argument 'bogus' is not one of"),

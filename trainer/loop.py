@@ -188,6 +188,10 @@ def setup(config, workdir: str | None, devices=None) -> Run:
                      f'train.grad_accum={t.grad_accum}')
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   rules = rules_lib.get_rules(config.sharding_rules)
+  # The model's fields are checked before the data is read (which can take minutes); the
+  # vocabulary size may still come from the tokenizer.
+  models.build(config.model if config.model.vocab_size else
+               ml_collections.ConfigDict(dict(config.model.to_dict(), vocab_size=1)))
   data = input_pipeline.build_datasets(
       config.data, global_batch_size=t.batch_size, workdir=workdir,
       process_index=jax.process_index(), process_count=jax.process_count())
