@@ -127,13 +127,11 @@ def build_step(config, devices):
 
   import models  # pylint: disable=g-import-not-at-top
   from input_pipeline import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from models import objectives  # pylint: disable=g-import-not-at-top
   from models.hf import init_from as hf_init_from  # pylint: disable=g-import-not-at-top
   from sharding import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from sharding import rules as rules_lib  # pylint: disable=g-import-not-at-top
   from trainer import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from trainer import loop  # pylint: disable=g-import-not-at-top
-  from trainer import optim  # pylint: disable=g-import-not-at-top
 
   config = ml_collections.ConfigDict(config.to_dict())
   if config.get('init_from'):
@@ -156,34 +154,20 @@ def build_step(config, devices):
   if config.model.vocab_size == 0:
     config.model.vocab_size = vocab
   model = models.build(config.model)
-  seq_len = config.data.seq_len
-  tokens_per_step = t.batch_size * seq_len
-  train_fpt = flops_lib.train_flops_per_token(model.cfg, seq_len)
-  total_steps = loop.total_steps_for(t, tokens_per_step, train_fpt)
-  tx, schedule = optim.make_optimizer(config.optim, total_steps)
-  objective = objectives.get_objective(config.objective)
   # Only the shape matters for the plan: the byte counts feed the bits-per-byte metric.
   token_bytes_V = jnp.ones((config.model.vocab_size,), jnp.float32)
-  init = loop.make_init_fn(model, tx, seq_len)
-  train_step, _ = loop.make_step_fns(model, tx, schedule, objective, config, token_bytes_V)
-  rng = jax.random.key(t.seed)  # a concrete array: made outside the mesh of TPU devices
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(init, rng)
-    state_sharding = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-    batch_sharding = nn.logical_to_mesh_sharding(jax.sharding.PartitionSpec('batch', 'length'),
-                                                 mesh, rules)
-    train_jit = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
-                        out_shardings=(state_sharding, None), donate_argnums=0)
+  fns = loop.jit_functions(config, model, mesh, rules, token_bytes_V)
+  seq_len = config.data.seq_len
   state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                       nn.meta.unbox(boxed), state_sharding)
-  batch = {k: jax.ShapeDtypeStruct((t.batch_size, seq_len), dt, sharding=batch_sharding)
+                       nn.meta.unbox(fns.abstract), fns.state_sharding)
+  batch = {k: jax.ShapeDtypeStruct((t.batch_size, seq_len), dt, sharding=fns.batch_sharding)
            for k, dt in (('inputs', jnp.int32), ('targets', jnp.int32), ('positions', jnp.int32),
                          ('segment_ids', jnp.int32), ('weights', jnp.float32))}
-  params = flops_lib.count_params(nn.meta.unbox(boxed)['params'])
-  info = dict(params=params['params'], tokens_per_step=tokens_per_step,
-              analytic_flops_per_step=train_fpt * tokens_per_step,
+  params = flops_lib.count_params(nn.meta.unbox(fns.abstract)['params'])
+  info = dict(params=params['params'], tokens_per_step=fns.tokens_per_step,
+              analytic_flops_per_step=fns.train_flops_per_token * fns.tokens_per_step,
               scan_layers=bool(config.model.scan_layers))
-  return train_jit, state, batch, mesh, rules, info
+  return fns.train_step, state, batch, mesh, rules, info
 
 
 def _tokenizer_vocab(data_config, tokenizer_lib) -> int:

@@ -1,4 +1,5 @@
-"""sharding.aot: topology parsing and errors (always); TPU plans compiled with libtpu (if installed).
+"""sharding.aot: topology parsing, errors and the step it lowers, built on the CPU (always); TPU
+plans compiled with libtpu (if installed).
 
 The plans run the command in a subprocess, as a user would, on small topologies and tiny models.
 Their expectations come from the model, not from golden numbers: the state (parameters and two
@@ -143,3 +144,28 @@ def test_plan_too_big_does_not_fit():
   needs, hbm = float(m.group(1)), float(m.group(2))
   assert hbm == 15.75
   assert needs > 12 * 2.06e9 / 2**30 > hbm
+
+
+def test_build_step_is_the_loop_step_on_any_devices():
+  """The planner lowers trainer/loop.py's own step (loop.jit_functions): built over this
+  machine's CPU device it has the run's budget, state layout and shapes, and compiles."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from configs import transformer  # pylint: disable=g-import-not-at-top
+  from trainer import loop  # pylint: disable=g-import-not-at-top
+
+  config = transformer.get_config('preset=llama_tiny,runlocal')
+  config.model.pattern = 'AF'
+  train_jit, state, batch, mesh, rules, info = aot.build_step(config, jax.devices()[:1])
+  run = loop.setup(config, workdir=None, devices=jax.devices()[:1])
+  assert info['analytic_flops_per_step'] == run.train_flops_per_step
+  assert info['tokens_per_step'] == run.tokens_per_step
+  want = loop.abstract_state(run)
+  assert jax.tree.structure(state) == jax.tree.structure(want)
+  assert jax.tree.leaves(jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype),
+                                      state, want)) == [True] * len(jax.tree.leaves(want))
+  assert batch['inputs'].shape == (config.train.batch_size, config.data.seq_len)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    compiled = train_jit.lower(state, batch).compile()
+  assert compiled.cost_analysis()

@@ -202,36 +202,62 @@ def setup(config, workdir: str | None, devices=None) -> Run:
     raise ValueError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
                      f'tokenizer\'s {vocab}')
   model = models.build(config.model)
+  token_bytes_V = jnp.asarray(np.pad(data.tokenizer.token_bytes_V,
+                                     (0, config.model.vocab_size - vocab)), jnp.float32)
+  fns = jit_functions(config, model, mesh, rules, token_bytes_V)
+  mesh_lib.check_batch_split(fns.batch_sharding, t.batch_size, jax.process_count())
+  check_divisible(fns.state_sharding, fns.abstract, mesh, t.batch_size)
+  return Run(config=config, model=model, data=data, mesh=mesh, rules=rules,
+             total_steps=fns.total_steps, tokens_per_step=fns.tokens_per_step,
+             train_flops_per_step=fns.train_flops_per_token * fns.tokens_per_step,
+             state_sharding=fns.state_sharding, batch_sharding=fns.batch_sharding,
+             train_step=fns.train_step, eval_step=fns.eval_step, init_state=fns.init_state)
+
+
+@dataclasses.dataclass
+class JitFunctions:
+  """The step functions jitted over a mesh, with the shardings and budget they were made for."""
+  total_steps: int
+  tokens_per_step: int
+  train_flops_per_token: float
+  abstract: object        # the initial state's shapes, parameters boxed with logical axes
+  state_sharding: object
+  batch_sharding: object
+  train_step: object      # (state, batch) -> (state, metrics), the state donated
+  eval_step: object       # (params, collections, batch) -> sums
+  init_state: object      # rng -> state
+
+
+def jit_functions(config, model, mesh, rules, token_bytes_V) -> JitFunctions:
+  """Budget, optimizer, objective and the jitted step functions of `model` on `mesh`.
+
+  Shared by `setup` and the ahead-of-time planner (sharding/aot.py), which lowers the same
+  step for devices it does not have; nothing here reads data or makes arrays on the mesh.
+  """
+  t = config.train
   seq_len = config.data.seq_len
   tokens_per_step = t.batch_size * seq_len
   train_fpt = flops_lib.train_flops_per_token(model.cfg, seq_len)
   total_steps = total_steps_for(t, tokens_per_step, train_fpt)
   tx, schedule = optim.make_optimizer(config.optim, total_steps)
   objective = objectives.get_objective(config.objective)
-  token_bytes_V = jnp.asarray(np.pad(data.tokenizer.token_bytes_V,
-                                     (0, config.model.vocab_size - vocab)), jnp.float32)
-
   init = make_init_fn(model, tx, seq_len)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract = jax.eval_shape(init, jax.random.key(t.seed))
-    state_sharding = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
-  batch_sharding = nn.logical_to_mesh_sharding(jax.sharding.PartitionSpec('batch', 'length'),
-                                               mesh, rules)
-  mesh_lib.check_batch_split(batch_sharding, t.batch_size, jax.process_count())
-  check_divisible(state_sharding, abstract, mesh, t.batch_size)
   train_step, eval_step = make_step_fns(model, tx, schedule, objective, config, token_bytes_V)
-
+  rng = jax.random.key(t.seed)  # made outside the mesh, whose devices may be abstract (aot)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract = jax.eval_shape(init, rng)
+    state_sharding = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+    batch_sharding = nn.logical_to_mesh_sharding(jax.sharding.PartitionSpec('batch', 'length'),
+                                                 mesh, rules)
     train_jit = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
                         out_shardings=(state_sharding, None), donate_argnums=0)
     eval_jit = jax.jit(eval_step, in_shardings=(state_sharding['params'],
                                                 state_sharding['collections'], batch_sharding))
     init_jit = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=state_sharding)
-  return Run(config=config, model=model, data=data, mesh=mesh, rules=rules,
-             total_steps=total_steps, tokens_per_step=tokens_per_step,
-             train_flops_per_step=train_fpt * tokens_per_step, state_sharding=state_sharding,
-             batch_sharding=batch_sharding, train_step=train_jit, eval_step=eval_jit,
-             init_state=init_jit)
+  return JitFunctions(total_steps=total_steps, tokens_per_step=tokens_per_step,
+                      train_flops_per_token=train_fpt, abstract=abstract,
+                      state_sharding=state_sharding, batch_sharding=batch_sharding,
+                      train_step=train_jit, eval_step=eval_jit, init_state=init_jit)
 
 
 def abstract_state(run: Run):
