@@ -386,6 +386,14 @@ def test_tiny_moe_model_trains_end_to_end_and_resumes_bitwise(tmp_path):
   assert straight.keys() == resumed.keys()
   for key in straight:
     assert np.asarray(straight[key]).tobytes() == np.asarray(resumed[key]).tobytes(), key
+  # The dispatch is a runtime choice: resumed with capacity dispatch that has room for every
+  # token (capacity_factor E / k), the run ends where the dropless one did.
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', '8'))
+  config.model.moe.dispatch, config.model.moe.capacity_factor = 'capacity', 4 / 2
+  loop.train_and_evaluate(config, workdir)
+  switched = final_state()
+  for key in straight:
+    np.testing.assert_allclose(switched[key], straight[key], atol=1e-5, rtol=1e-5, err_msg=key)
 
 
 def test_top_k_is_lax_top_k_ties_included():
