@@ -9,6 +9,7 @@ sees those fields. About 45 s of CPU time on 2 cores (2.5 min wall on a shared, 
 
 import json
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -224,3 +225,34 @@ def test_export_refuses_a_mixed_qwen3_moe(tmp_path):
   with pytest.raises(ValueError, match="qwen3_moe: model.pattern='WEAF' mixes A and W") as e:
     hf.export_hf(config, {}, str(tmp_path / 'out'), model_type='qwen3_moe')
   assert '\n' not in str(e.value)
+
+
+def test_stacked_experts_import(hf_models, tokens, tmp_path):
+  """A checkpoint whose experts are stored stacked, as transformers 5 holds them in memory
+  (`experts.gate_up_proj`, `experts.down_proj`: a state_dict saved as it is), imports to the
+  same logits; bad stacked shapes and a tensor stored both ways are refused in one line."""
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+  path, hf_model = hf_models['qwen3_moe']
+  state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+  assert state['model.layers.0.mlp.experts.gate_up_proj'].shape == (8, 2 * 32, 64)
+  stacked = tmp_path / 'stacked'
+  stacked.mkdir()
+  shutil.copy(os.path.join(path, 'config.json'), stacked / 'config.json')
+  save_file(state, str(stacked / 'model.safetensors'))
+  config, params = hf.import_hf(str(stacked), run_config(True))
+  np.testing.assert_allclose(archlab_logits(config, params, tokens), hf_logits(hf_model, tokens),
+                             atol=1e-4, rtol=0)
+
+  bad = dict(state, **{'model.layers.0.mlp.experts.down_proj':
+                       state['model.layers.0.mlp.experts.down_proj'][0]})
+  save_file(bad, str(stacked / 'model.safetensors'))
+  with pytest.raises(ValueError, match=r'stacked.*tensor model.layers.0.mlp.experts.down_proj has '
+                                       r'shape \(64, 32\); stacked experts are') as e:
+    hf.import_hf(str(stacked))
+  assert '\n' not in str(e.value)
+  both = dict(state, **{'model.layers.0.mlp.experts.3.down_proj.weight':
+                        state['model.layers.0.mlp.experts.down_proj'][3].clone()})
+  save_file(both, str(stacked / 'model.safetensors'))
+  with pytest.raises(ValueError, match=r'experts.3.down_proj.weight is stored both on its own '
+                                       r'and in model.layers.0.mlp.experts.down_proj'):
+    hf.import_hf(str(stacked))

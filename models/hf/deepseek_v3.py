@@ -231,4 +231,4 @@ DEEPSEEK_V3 = family_lib.register(family_lib.Family(
     model_type='deepseek_v3', architecture='DeepseekV3ForCausalLM', prefix='model.',
     config_to_archlab=config_to_archlab, config_to_hf=config_to_hf, tensors=tensors,
     # The multi-token-prediction layer of the released checkpoints (transformers skips it).
-    ignored=(r'(model\.)?layers\.61\..*',)))
+    ignored=(r'(model\.)?layers\.61\..*',), read_as=family_lib.split_stacked_experts))

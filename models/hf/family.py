@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Callable
 
 import numpy as np
@@ -148,6 +149,42 @@ class Family:
   config_to_hf: Callable[[Any], dict]
   tensors: Callable[[Any], list[Tensor]]
   ignored: tuple[str, ...] = ()         # regexes of HF tensors that are buffers, not weights
+  # Rewrites a checkpoint's {name: array} into the names the table reads (another storage
+  # of the same weights, e.g. stacked experts), or None.
+  read_as: Callable[[dict], dict] | None = None
+
+
+STACKED_EXPERTS = re.compile(r'(.*\.mlp\.experts)\.(gate_up_proj|down_proj)')
+
+
+def split_stacked_experts(tensors: dict) -> dict:
+  """Per-expert tensors (`experts.{e}.gate_proj.weight`, ...) from experts stored stacked, as
+  transformers 5 holds them in memory and a saved state_dict has them: `experts.gate_up_proj`
+  (E, 2F, D) is each expert's gate_proj weight then its up_proj weight, `experts.down_proj`
+  (E, D, F) its down_proj weight. Other tensors pass through."""
+  out = {}
+  for name, value in tensors.items():
+    match = STACKED_EXPERTS.fullmatch(name)
+    if not match:
+      out.setdefault(name, value)
+      continue
+    prefix, kind = match.groups()
+    if value.ndim != 3 or (kind == 'gate_up_proj' and value.shape[1] % 2):
+      layout = '2 x width, hidden' if kind == 'gate_up_proj' else 'hidden, width'
+      raise UnsupportedError(f'tensor {name} has shape {tuple(value.shape)}; stacked experts '
+                             f'are (experts, {layout})')
+    for e, w in enumerate(value):
+      if kind == 'gate_up_proj':
+        half = w.shape[0] // 2
+        pieces = {'gate_proj': w[:half], 'up_proj': w[half:]}
+      else:
+        pieces = {'down_proj': w}
+      for proj, piece in pieces.items():
+        key = f'{prefix}.{e}.{proj}.weight'
+        if key in tensors:
+          raise UnsupportedError(f'tensor {key} is stored both on its own and in {name}')
+        out[key] = piece
+  return out
 
 
 FAMILIES: dict[str, Family] = {}

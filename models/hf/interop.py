@@ -153,6 +153,11 @@ def import_hf(path: str, config: ml_collections.ConfigDict | None = None):
   dtype = np.dtype(common.dtype_of(model_config.param_dtype))
 
   tensors = files.read_tensors(path)
+  if family.read_as:
+    try:
+      tensors = family.read_as(tensors)
+    except family_lib.UnsupportedError as e:
+      raise family_lib.UnsupportedError(f'{path}: {e}') from None
   names = {}  # the name a mapping row uses -> the name in the files (prefix optional)
   for name in tensors:
     names[name] = name

@@ -154,4 +154,4 @@ def tensors(cfg) -> list[Tensor]:
 QWEN3_MOE = family_lib.register(family_lib.Family(
     model_type='qwen3_moe', architecture='Qwen3MoeForCausalLM', prefix='model.',
     config_to_archlab=config_to_archlab, config_to_hf=config_to_hf, tensors=tensors,
-    ignored=llama.LLAMA.ignored))
+    ignored=llama.LLAMA.ignored, read_as=family_lib.split_stacked_experts))
