@@ -8,7 +8,9 @@ i is not in `mlp_only_layers` and (i + 1) % `decoder_sparse_step` == 0.
 
 Experts are stored one tensor per expert and projection (`mlp.experts.{e}.gate_proj.weight`,
 as on the Hub and as transformers 5 writes them; in memory it fuses them into
-`experts.gate_up_proj`), so the table has a row per expert (`Tensor.index`). The router's
+`experts.gate_up_proj`), so the table has a row per expert (`Tensor.index`); a checkpoint
+with the stacked in-memory tensors is split per expert on reading
+(`family.split_stacked_experts`). The router's
 load-balancing loss does not change the logits: HF's `router_aux_loss_coef` times k is
 archlab's `moe.aux_loss_weight` (HF's loss is k times archlab's).
 """
