@@ -29,27 +29,24 @@ BATCH = ('data', 'fsdp', 'expert')
 
 _REPLICATED = (('length', None), ('head_dim', None), ('norm', None), ('layers', None),
                ('position', None), ('state', None))
+# MoE capacity buffers (group, expert, slot, embed): the group axis keeps the batch's mesh
+# axes, or data x fsdp when the experts took `expert` (fsdp_ep: tokens move to their experts).
+_EXPERT_GROUPS = (('expert_groups', BATCH), ('expert_groups', ('data', 'fsdp')))
 
 PRESETS = {
     'dp': (('batch', BATCH),) + _REPLICATED + (
         ('embed', None), ('latent', None), ('heads', None), ('kv_heads', None),
-        ('mlp', None), ('vocab', None), ('experts', None)),
+        ('mlp', None), ('vocab', None), ('experts', None)) + _EXPERT_GROUPS,
     'fsdp': (('batch', BATCH),) + _REPLICATED + (
         ('embed', 'fsdp'), ('latent', 'fsdp'), ('heads', None), ('kv_heads', None),
-        ('mlp', None), ('vocab', None), ('experts', None)),
+        ('mlp', None), ('vocab', None), ('experts', None)) + _EXPERT_GROUPS,
     'fsdp_tp': (('batch', BATCH),) + _REPLICATED + (
         ('embed', 'fsdp'), ('latent', 'fsdp'), ('heads', 'tensor'), ('kv_heads', 'tensor'),
-        ('mlp', 'tensor'), ('vocab', 'tensor'), ('experts', None)),
+        ('mlp', 'tensor'), ('vocab', 'tensor'), ('experts', None)) + _EXPERT_GROUPS,
     'fsdp_ep': (('batch', BATCH),) + _REPLICATED + (
         ('experts', 'expert'), ('embed', 'fsdp'), ('latent', 'fsdp'), ('heads', None),
-        ('kv_heads', None), ('mlp', None), ('vocab', None)),
+        ('kv_heads', None), ('mlp', None), ('vocab', None)) + _EXPERT_GROUPS,
 }
-
-
-# MoE capacity buffers (group, expert, slot, embed): the group axis keeps the batch's mesh
-# axes, except `expert` when the experts took it (fsdp_ep: tokens move to their experts).
-PRESETS = {name: rules + (('expert_groups', BATCH), ('expert_groups', ('data', 'fsdp')))
-           for name, rules in PRESETS.items()}
 
 
 def get_rules(name: str):

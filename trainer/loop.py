@@ -33,7 +33,6 @@ from trainer import optim
 
 # Model fields that change how a step computes, not what the parameters are: a checkpoint
 # written with other values of these can be resumed.
-# Model fields a resumed run may change: how the step computes, not what the state holds.
 RUNTIME_MODEL_FIELDS = ('remat', 'dtype', 'attention.impl', 'attention.causal_block',
                         'moe.dispatch', 'moe.capacity_factor', 'moe.capacity_group')
 
