@@ -65,7 +65,7 @@ def fold_routing_bias(model_config, params, collections):
   """
   bias = _unbox((collections or {}).get(moe.BIAS_COLLECTION))
   if not bias:
-    if model_config.get('moe') and model_config.moe.bias_update_rate:
+    if model_config.moe.bias_update_rate:
       raise family_lib.UnsupportedError(
           f'model.moe.bias_update_rate={model_config.moe.bias_update_rate} trains a routing bias '
           f'in the {moe.BIAS_COLLECTION!r} collection, which was not given: pass the run\'s '
