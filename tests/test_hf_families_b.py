@@ -220,6 +220,9 @@ def test_preset_exports_to_transformers(preset, model_type, changes, tokens, tmp
   if collections:
     with pytest.raises(ValueError, match=r'bias_update_rate=0.001 .*moe_bias.*not given'):
       hf.export_hf(config, params, str(tmp_path / 'refused'))
+    with pytest.raises(ValueError, match=r"the model's 'stats' collection has no place"):
+      hf.export_hf(config, params, str(tmp_path / 'refused'),
+                   collections=dict(collections, stats={'mean': np.zeros(3)}))
     assert not os.path.exists(tmp_path / 'refused')
   assert hf.export_hf(config, params, str(tmp_path), collections=collections) == model_type
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).float().eval()

@@ -63,6 +63,10 @@ def fold_routing_bias(model_config, params, collections):
   at zero where the model has none) and the returned config has `moe.correction_bias=True`.
   Models without a `moe_bias` collection come back unchanged.
   """
+  other = sorted(k for k, v in (collections or {}).items() if v and k != moe.BIAS_COLLECTION)
+  if other:
+    raise family_lib.UnsupportedError(f'the model\'s {other[0]!r} collection has no place in a '
+                                      'Hugging Face checkpoint')
   bias = _unbox((collections or {}).get(moe.BIAS_COLLECTION))
   if not bias:
     if model_config.moe.bias_update_rate:
