@@ -82,11 +82,8 @@ def read_archlab(workdir: str, step: int | None = None):
   abstract = {}
   for collection, paths in shapes.items():
     dtype = jnp.dtype(model_config.param_dtype) if collection == 'params' else jnp.float32
-    for path, shape in paths.items():
-      node = abstract.setdefault(collection, {})
-      for key in path[:-1]:
-        node = node.setdefault(key, {})
-      node[path[-1]] = jax.ShapeDtypeStruct(shape, dtype)
+    abstract[collection] = interop.unflatten(
+        {path: jax.ShapeDtypeStruct(shape, dtype) for path, shape in paths.items()})
   item = {'params': abstract.pop('params')}
   if abstract:  # the trainer keeps the other collections in state['collections']
     item['collections'] = abstract

@@ -86,7 +86,7 @@ def fold_routing_bias(model_config, params, collections):
     flat[target] = (flat.get(target, 0.0) + np.asarray(value, np.float32)).astype(dtype)
   model_config = ml_collections.ConfigDict(model_config.to_dict())
   model_config.moe.correction_bias = True
-  return model_config, _unflatten(flat)
+  return model_config, unflatten(flat)
 
 
 class Layout:
@@ -114,7 +114,8 @@ class Layout:
     return shapes[path][1:] if index is not None else shapes[path]
 
 
-def _unflatten(flat: dict[tuple, np.ndarray]) -> dict:
+def unflatten(flat: dict[tuple, object]) -> dict:
+  """{path tuple: leaf} -> the nested dict tree."""
   tree: dict = {}
   for path, value in flat.items():
     node = tree
@@ -204,7 +205,7 @@ def import_hf(path: str, config: ml_collections.ConfigDict | None = None):
   for tree_path, values in stacks.items():
     flat[tree_path] = np.stack(values).astype(dtype)
   _check_tree(flat, shapes, family.model_type)
-  return run, _unflatten(flat)
+  return run, unflatten(flat)
 
 
 def _check_tree(flat: dict, shapes: dict, model_type: str) -> None:
