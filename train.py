@@ -2,7 +2,8 @@
 
 Running the same command again resumes from the latest checkpoint in DIR. Bad input (a
 config field, a data path, a workdir holding another model, a loss that turns NaN) ends the
-run with one line naming what is wrong; set ARCHLAB_DEBUG=1 to see the traceback too.
+run with one line naming what is wrong; set ARCHLAB_DEBUG=1 to see the traceback too. Any other
+exception is a bug: its traceback is printed with a line asking for a report.
 """
 
 import logging as py_logging
@@ -14,6 +15,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+import errors
+from configs import common
 import trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file with arguments, e.g. '
@@ -34,22 +37,10 @@ def _parse_flags(argv):
   """absl's flag parsing, with a bad flag or config field reported in one line."""
   try:
     return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:  # ml_collections: an override of a missing field
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     if os.environ.get('ARCHLAB_DEBUG'):
       raise
-    field = str(e).strip('"\'')
-    flag = next((a.split('=')[0] for a in argv[1:] if a.startswith('--config.') and field in a),
-                field)
-    sys.exit(f'train.py: error: {flag}: the config has no field {field!r} '
-             f'(the fields are in configs/common.py)')
-  except (flags.Error, TypeError, ValueError) as e:
-    if os.environ.get('ARCHLAB_DEBUG'):
-      raise
-    # absl spreads a config file's error over lines (with its traceback): keep the flag and
-    # the error itself.
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    message = lines[0] if len(lines) == 1 else f'{lines[0].split(": ")[0]}: {lines[-1]}'
-    sys.exit(f'train.py: error: {message}')
+    sys.exit(f'train.py: error: {errors.flag_error_line(e, argv, common.MOVED_FIELDS)}')
 
 
 def main(argv):
@@ -63,12 +54,7 @@ def main(argv):
     if os.environ.get('ARCHLAB_DEBUG'):
       raise
     sys.exit(f'train.py: error: --config: {str(e).strip().splitlines()[-1].strip()}')
-  try:
-    trainer.train_and_evaluate(config, _WORKDIR.value)
-  except (ValueError, FloatingPointError) as e:
-    if os.environ.get('ARCHLAB_DEBUG'):
-      raise
-    sys.exit(f'train.py: error: {e}')
+  errors.run_main('train.py', trainer.train_and_evaluate, config, _WORKDIR.value)
 
 
 if __name__ == '__main__':

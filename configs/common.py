@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import ml_collections
 
+import errors
 from models import lm
+
+
+# Fields that moved: the old dotted name -> the new one. A command line that sets an old name
+# is refused in one line that gives the new spelling (train.py).
+MOVED_FIELDS: dict[str, str] = {}
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -18,22 +24,22 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     key, has_value, value = item.partition('=')
     key = key.strip()
     if key not in defaults:
-      raise ValueError(f'config argument {key!r} is not one of {sorted(defaults)}')
+      raise errors.ConfigError(f'config argument {key!r} is not one of {sorted(defaults)}')
     default = defaults[key]
     if not has_value:
       if not isinstance(default, bool):
-        raise ValueError(f'config argument {key!r} needs a value ({key}=...)')
+        raise errors.ConfigError(f'config argument {key!r} needs a value ({key}=...)')
       parsed[key] = True
       continue
     try:
       if isinstance(default, bool):
         if value.lower() not in ('true', 'false', '1', '0'):
-          raise ValueError(value)
+          raise errors.ConfigError(value)
         parsed[key] = value.lower() in ('true', '1')
       else:
         parsed[key] = type(default)(value)
     except ValueError:
-      raise ValueError(f'config argument {key}={value!r} is not a {type(default).__name__}') from None
+      raise errors.ConfigError(f'config argument {key}={value!r} is not a {type(default).__name__}') from None
   return parsed
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ml_collections
 
+import errors
 from configs import common
 
 
@@ -191,7 +192,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, preset='llama_tiny', runlocal=False, seq_len=0, batch_size=0,
                           steps=0)
   if args.preset not in PRESETS:
-    raise ValueError(f'preset={args.preset!r} is not one of {sorted(PRESETS)} '
+    raise errors.ConfigError(f'preset={args.preset!r} is not one of {sorted(PRESETS)} '
                      f'(configs/transformer.py)')
   config = common.base_config()
   PRESETS[args.preset](config)

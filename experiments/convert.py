@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+import errors
 from configs import common as configs_common
 from models import hf
 from models.hf import family as family_lib
@@ -48,7 +49,7 @@ SCHEMES = ('hf', 'archlab')
 def parse(spec: str, flag: str) -> tuple[str, str]:
   scheme, sep, path = spec.partition(':')
   if not sep or scheme not in SCHEMES or not path:
-    raise ValueError(f'--{flag}={spec!r} is not hf:/path or archlab:/path')
+    raise errors.ConfigError(f'--{flag}={spec!r} is not hf:/path or archlab:/path')
   return scheme, path
 
 
@@ -63,12 +64,12 @@ def read_archlab(workdir: str, step: int | None = None):
   as numpy; the collections (e.g. the MoE routing biases) are {} for most models."""
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   if not os.path.isdir(directory):
-    raise ValueError(f'{workdir}: no checkpoints/ directory (not an archlab workdir)')
+    raise errors.CheckpointError(f'{workdir}: no checkpoints/ directory (not an archlab workdir)')
   mngr = ocp.CheckpointManager(directory, item_names=('state', 'data', 'config'),
                                options=ocp.CheckpointManagerOptions(read_only=True, create=False))
   step = mngr.latest_step() if step is None else step
   if step is None or step not in mngr.all_steps():
-    raise ValueError(f'{workdir}: no checkpoint{"" if step is None else f" at step {step}"} '
+    raise errors.CheckpointError(f'{workdir}: no checkpoint{"" if step is None else f" at step {step}"} '
                      f'(steps: {list(mngr.all_steps())})')
   saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
   model_config = configs_common.model_defaults()
@@ -76,7 +77,7 @@ def read_archlab(workdir: str, step: int | None = None):
     try:
       family_lib.set_field(model_config, name, value)
     except KeyError:
-      raise ValueError(f'{workdir}: checkpoint {step} has model.{name}, which '
+      raise errors.CheckpointError(f'{workdir}: checkpoint {step} has model.{name}, which '
                        'configs/common.py no longer has') from None
   shapes = interop.variable_shapes(model_config)
   abstract = {}
@@ -97,7 +98,7 @@ def read_archlab(workdir: str, step: int | None = None):
 def write_archlab(workdir: str, config, params) -> None:
   """A workdir with one step-0 checkpoint of `params` and the model config."""
   if os.path.exists(os.path.join(workdir, 'checkpoints')):
-    raise ValueError(f'{workdir} already holds checkpoints/; give a new directory')
+    raise errors.CheckpointError(f'{workdir} already holds checkpoints/; give a new directory')
   mngr = checkpoint.manager(workdir, keep=1)
   state = {'step': np.zeros((), np.int32), 'params': params}
   checkpoint.save(mngr, 0, state, {}, loop.comparable_model_config(config.model))
@@ -111,7 +112,7 @@ def convert(source: str, destination: str, *, step: int | None = None, scan_laye
   src_kind, src = parse(source, 'from')
   dst_kind, dst = parse(destination, 'to')
   if src_kind == dst_kind:
-    raise ValueError(f'--from and --to are both {src_kind}: convert between hf and archlab')
+    raise errors.ConfigError(f'--from and --to are both {src_kind}: convert between hf and archlab')
   if src_kind == 'hf':
     base = configs_common.base_config()
     base.model.scan_layers = scan_layers
@@ -139,13 +140,8 @@ def main(argv):
   if not _FROM.value or not _TO.value:
     raise app.UsageError('give --from and --to')
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
-  try:
-    convert(_FROM.value, _TO.value, step=_STEP.value, scan_layers=_SCAN.value,
-            model_type=_MODEL_TYPE.value)
-  except ValueError as e:
-    if os.environ.get('ARCHLAB_DEBUG'):
-      raise
-    sys.exit(f'convert: error: {e}')
+  errors.run_main('convert', convert, _FROM.value, _TO.value, step=_STEP.value,
+                  scan_layers=_SCAN.value, model_type=_MODEL_TYPE.value)
 
 
 if __name__ == '__main__':

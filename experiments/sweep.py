@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import tqdm
 
+import errors
 import experiments
 import models
 from configs import common
@@ -90,7 +91,7 @@ def plan(sweep, sweep_dir: str) -> list[Run]:
   runs = []
   for architecture in sweep.architectures:
     if architecture not in arch_compare.ARCHITECTURES:
-      raise ValueError(f'sweep architecture {architecture!r} is not one of '
+      raise errors.ConfigError(f'sweep architecture {architecture!r} is not one of '
                        f'{sorted(arch_compare.ARCHITECTURES)}')
     ladder = []
     for d in sweep.widths:

@@ -25,6 +25,8 @@ from collections.abc import Iterator
 
 from absl import logging
 
+import errors
+
 CORPORA = ('stdlib', 'text', 'jsonl')
 _EXCLUDED_DIRS = ('site-packages', 'dist-packages')
 
@@ -63,7 +65,7 @@ def list_corpus_files(data_config) -> CorpusFiles:
   """
   kind = data_config.corpus
   if kind not in CORPORA:
-    raise ValueError(f'data.corpus={kind!r} is not one of {list(CORPORA)}')
+    raise errors.DataError(f'data.corpus={kind!r} is not one of {list(CORPORA)}')
   if kind == 'stdlib':
     files = _stdlib_files(sysconfig.get_paths()['stdlib'])
   else:
@@ -81,7 +83,7 @@ def _stdlib_files(root: str) -> list[tuple[str, str]]:
         path = os.path.join(directory, name)
         files.append((path, pathlib.PurePath(os.path.relpath(path, root)).as_posix()))
   if not files:
-    raise ValueError(f'data.corpus=stdlib: no *.py files under {root}')
+    raise errors.DataError(f'data.corpus=stdlib: no *.py files under {root}')
   return files
 
 
@@ -99,13 +101,13 @@ def _glob_root(pattern: str) -> str:
 def _glob_files(paths: str) -> list[tuple[str, str]]:
   patterns = [p.strip() for p in (paths or '').split(',') if p.strip()]
   if not patterns:
-    raise ValueError('data.paths is empty; give a glob (or comma-separated globs) of files')
+    raise errors.DataError('data.paths is empty; give a glob (or comma-separated globs) of files')
   found, roots = {}, []
   for pattern in patterns:
     pattern = os.path.expanduser(pattern)
     matches = [m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m)]
     if not matches:
-      raise ValueError(f'data.paths: the glob {pattern!r} matches no file')
+      raise errors.DataError(f'data.paths: the glob {pattern!r} matches no file')
     roots.append(_glob_root(pattern))
     for match in matches:
       found[os.path.abspath(match)] = None
@@ -176,11 +178,11 @@ def _jsonl_documents(path: str, key: str, text: str, text_field: str) -> list[Do
     try:
       record = json.loads(line)
     except json.JSONDecodeError as e:
-      raise ValueError(f'{path}:{line_number}: not a JSON object ({e.msg})') from None
+      raise errors.DataError(f'{path}:{line_number}: not a JSON object ({e.msg})') from None
     if not isinstance(record, dict) or text_field not in record:
-      raise ValueError(f'{path}:{line_number}: no field {text_field!r} (data.text_field)')
+      raise errors.DataError(f'{path}:{line_number}: no field {text_field!r} (data.text_field)')
     if not isinstance(record[text_field], str):
-      raise ValueError(f'{path}:{line_number}: field {text_field!r} (data.text_field) is '
+      raise errors.DataError(f'{path}:{line_number}: field {text_field!r} (data.text_field) is '
                        f'{type(record[text_field]).__name__}, not a string')
     documents.append(Document(f'{key}:{line_number}', record[text_field]))
   return documents
@@ -219,7 +221,7 @@ def iter_documents(corpus: CorpusFiles, counts: dict[str, int] | None = None,
     logging.info('data: skipped %d of %d files that were empty or not UTF-8 (first: %s)',
                  len(skipped), len(corpus.files), skipped[0])
   if not num_docs:
-    raise ValueError(f'data.corpus={corpus.kind}: all {len(corpus.files)} files were empty or '
+    raise errors.DataError(f'data.corpus={corpus.kind}: all {len(corpus.files)} files were empty or '
                      'not UTF-8')
   if counts is not None:
     counts.update(skipped_files=len(skipped), num_docs=num_docs)

@@ -21,6 +21,7 @@ from absl import logging
 import grain
 import numpy as np
 
+import errors
 from input_pipeline import corpus as corpus_lib
 from input_pipeline.tokenizer import (BpeTokenizer, ByteTokenizer, Tokenizer, atomic_write_text,
                                      load_tokenizer)
@@ -108,7 +109,7 @@ def make_eval_batches(rows: PackedRows, *, num_batches: int, global_batch_size: 
   """The first num_batches * global_batch_size rows, unshuffled, this process's share."""
   needed = num_batches * global_batch_size
   if len(rows) < needed:
-    raise ValueError(f'data.eval_batches={num_batches} needs {needed} validation rows '
+    raise errors.DataError(f'data.eval_batches={num_batches} needs {needed} validation rows '
                      f'(train.batch_size={global_batch_size}) but only {len(rows)} are '
                      'available; lower data.eval_batches or raise data.val_fraction')
   batches = []
@@ -123,21 +124,21 @@ def make_eval_batches(rows: PackedRows, *, num_batches: int, global_batch_size: 
 def _check_config(data_config, global_batch_size: int, process_index: int,
                   process_count: int) -> None:
   if data_config.tokenizer not in TOKENIZERS:
-    raise ValueError(f'data.tokenizer={data_config.tokenizer!r} is not one of {list(TOKENIZERS)}')
+    raise errors.DataError(f'data.tokenizer={data_config.tokenizer!r} is not one of {list(TOKENIZERS)}')
   if data_config.corpus not in corpus_lib.CORPORA:
-    raise ValueError(f'data.corpus={data_config.corpus!r} is not one of {list(corpus_lib.CORPORA)}')
+    raise errors.DataError(f'data.corpus={data_config.corpus!r} is not one of {list(corpus_lib.CORPORA)}')
   if data_config.seq_len < 1:
-    raise ValueError(f'data.seq_len={data_config.seq_len} must be positive')
+    raise errors.DataError(f'data.seq_len={data_config.seq_len} must be positive')
   if not 0.0 <= data_config.val_fraction < 1.0:
-    raise ValueError(f'data.val_fraction={data_config.val_fraction} must be in [0, 1)')
+    raise errors.DataError(f'data.val_fraction={data_config.val_fraction} must be in [0, 1)')
   if data_config.eval_batches < 0:
-    raise ValueError(f'data.eval_batches={data_config.eval_batches} must be >= 0')
+    raise errors.DataError(f'data.eval_batches={data_config.eval_batches} must be >= 0')
   if not 0 <= data_config.shuffle_seed < 2**32:
-    raise ValueError(f'data.shuffle_seed={data_config.shuffle_seed} must be in [0, 2**32)')
+    raise errors.DataError(f'data.shuffle_seed={data_config.shuffle_seed} must be in [0, 2**32)')
   if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} is not in [0, {process_count})')
+    raise errors.DataError(f'process_index={process_index} is not in [0, {process_count})')
   if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(f'train.batch_size={global_batch_size} must be a positive multiple of the '
+    raise errors.DataError(f'train.batch_size={global_batch_size} must be a positive multiple of the '
                      f'process count {process_count}')
 
 
@@ -173,24 +174,24 @@ def resolve_tokenizer(data_config, corpus: corpus_lib.CorpusFiles, files_key: st
   """
   if data_config.tokenizer == 'bytes':
     if data_config.tokenizer_path:
-      raise ValueError(f'data.tokenizer_path={data_config.tokenizer_path!r} is set but '
+      raise errors.DataError(f'data.tokenizer_path={data_config.tokenizer_path!r} is set but '
                        "data.tokenizer='bytes'; set data.tokenizer='bpe' to load it")
     return ByteTokenizer()
   in_workdir = os.path.join(workdir, 'tokenizer.json') if workdir else None
   if data_config.tokenizer_path:
     if not os.path.isfile(data_config.tokenizer_path):
-      raise ValueError(f'data.tokenizer_path={data_config.tokenizer_path!r}: no such file')
+      raise errors.DataError(f'data.tokenizer_path={data_config.tokenizer_path!r}: no such file')
     tokenizer = load_tokenizer(data_config.tokenizer_path)
     if in_workdir and os.path.isfile(in_workdir):
       if load_tokenizer(in_workdir).fingerprint != tokenizer.fingerprint:
-        raise ValueError(f'{in_workdir} holds a different vocabulary from data.tokenizer_path='
+        raise errors.DataError(f'{in_workdir} holds a different vocabulary from data.tokenizer_path='
                          f'{data_config.tokenizer_path!r}; use a fresh workdir')
   elif in_workdir and os.path.isfile(in_workdir):
     tokenizer = load_tokenizer(in_workdir)
     logging.info('data: reloaded the tokenizer from %s', in_workdir)
   else:
     if data_config.bpe_vocab_size < 260:
-      raise ValueError(f'data.bpe_vocab_size={data_config.bpe_vocab_size} must be at least 260 '
+      raise errors.DataError(f'data.bpe_vocab_size={data_config.bpe_vocab_size} must be at least 260 '
                        '(256 bytes + 4 special tokens)')
     cached = os.path.join(cache_root(data_config), 'tokenizers', _hash(
         _CACHE_VERSION, files_key, data_config.val_fraction, data_config.bpe_vocab_size,
@@ -333,7 +334,7 @@ def build_datasets(data_config, *, global_batch_size: int, workdir: str | None,
   train_rows = PackedRows(streams['train'], seq_len, tokenizer.bos_id)
   val_rows = PackedRows(streams['val'], seq_len, tokenizer.bos_id)
   if not len(train_rows):
-    raise ValueError(f'data.seq_len={seq_len}: the train split has {len(streams["train"])} '
+    raise errors.DataError(f'data.seq_len={seq_len}: the train split has {len(streams["train"])} '
                      f'tokens, fewer than one row of seq_len + 1')
   stats.update(train_rows=len(train_rows), val_rows=len(val_rows))
   eval_batches = make_eval_batches(

@@ -35,6 +35,8 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+import errors
+
 SPECIAL_TOKENS = ('<pad>', '<bos>', '<eos>', '<mask>')
 _BYTES_MARKER = 'archlab-bytes-v1'
 
@@ -116,16 +118,16 @@ class BpeTokenizer:
       special_tokens = dict(zip(_SPECIAL_NAMES, SPECIAL_TOKENS))
       for token in SPECIAL_TOKENS:
         if tokenizer.token_to_id(token) is None:
-          raise ValueError(f'{source} has no special token {token!r}; archlab needs all of '
+          raise errors.DataError(f'{source} has no special token {token!r}; archlab needs all of '
                            f'{list(SPECIAL_TOKENS)}')
     if not special_tokens.get('eos'):
-      raise ValueError(f'{source}: no eos token is named (archlab separates documents with it)')
+      raise errors.DataError(f'{source}: no eos token is named (archlab separates documents with it)')
     ids = {}
     for name, token in special_tokens.items():
       if token:
         ids[name] = tokenizer.token_to_id(token)
         if ids[name] is None:
-          raise ValueError(f'{source}: its {name} token {token!r} is not in the vocabulary')
+          raise errors.DataError(f'{source}: its {name} token {token!r} is not in the vocabulary')
     self.special_tokens = {n: special_tokens[n] for n in _SPECIAL_NAMES if n in ids}
     self.eos_id = ids['eos']
     self.bos_id = ids.get('bos', self.eos_id)
@@ -158,7 +160,7 @@ class BpeTokenizer:
       if token is None:
         continue
       if any(c not in alphabet for c in token):
-        raise ValueError(f'{source}: token {i} ({token!r}) is not byte-level BPE; archlab '
+        raise errors.DataError(f'{source}: token {i} ({token!r}) is not byte-level BPE; archlab '
                          'supports byte-level BPE tokenizers only (GPT-2, Llama 3, Qwen, OLMo, '
                          'GPT-OSS, DeepSeek V3 style)')
       token_bytes_V[i] = len(token)
@@ -182,7 +184,7 @@ class BpeTokenizer:
     try:
       tokenizer = tokenizers.Tokenizer.from_file(path)
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
-      raise ValueError(f'{path}: not a tokenizers tokenizer.json ({str(e).splitlines()[0]})') from None
+      raise errors.DataError(f'{path}: not a tokenizers tokenizer.json ({str(e).splitlines()[0]})') from None
     if all(tokenizer.token_to_id(t) is not None for t in SPECIAL_TOKENS):
       return cls(tokenizer, source=path)
     return cls(tokenizer, hf_special_tokens(path, tokenizer), source=path)
@@ -235,7 +237,7 @@ def hf_special_tokens(path: str, tokenizer: tokenizers.Tokenizer) -> dict[str, s
         try:
           fields = json.load(f)
         except json.JSONDecodeError as e:
-          raise ValueError(f'{sidecar}: not JSON ({e})') from None
+          raise errors.DataError(f'{sidecar}: not JSON ({e})') from None
       for key in _SPECIAL_NAMES:
         value = fields.get(f'{key}_token')
         if isinstance(value, dict):  # {"content": "<|endoftext|>", ...}
@@ -255,7 +257,7 @@ def hf_special_tokens(path: str, tokenizer: tokenizers.Tokenizer) -> dict[str, s
         if token is not None:
           found[key] = token
   if 'eos' not in found:
-    raise ValueError(f'{path} has none of archlab\'s special tokens {list(SPECIAL_TOKENS)} and '
+    raise errors.DataError(f'{path} has none of archlab\'s special tokens {list(SPECIAL_TOKENS)} and '
                      f'no tokenizer_config.json, special_tokens_map.json or config.json beside '
                      f'it that names an eos token')
   return found

@@ -24,11 +24,11 @@ MODELS: dict[str, Callable] = {}
 def register_sublayer(char: str):
   """Registers a sublayer class under one pattern character; duplicates are refused."""
   if len(char) != 1:
-    raise ValueError(f'a sublayer registers under one character, got {char!r}')
+    raise errors.ConfigError(f'a sublayer registers under one character, got {char!r}')
 
   def wrap(cls):
     if char in SUBLAYERS and SUBLAYERS[char] is not cls:
-      raise ValueError(f'pattern character {char!r} is already taken by '
+      raise errors.ConfigError(f'pattern character {char!r} is already taken by '
                        f'{SUBLAYERS[char].__name__}; pick another for {cls.__name__}')
     SUBLAYERS[char] = cls
     return cls
@@ -41,7 +41,7 @@ def register_model(name: str):
 
   def wrap(fn):
     if name in MODELS and MODELS[name] is not fn:
-      raise ValueError(f'model name {name!r} is already registered')
+      raise errors.ConfigError(f'model name {name!r} is already registered')
     MODELS[name] = fn
     return fn
 
@@ -52,10 +52,11 @@ def build(model_config):
   """Builds the module named by `model_config.name` (after validating the config)."""
   name = model_config.name
   if name not in MODELS:
-    raise ValueError(f'model.name={name!r} is not a registered model; '
+    raise errors.ConfigError(f'model.name={name!r} is not a registered model; '
                      f'known: {sorted(MODELS)}')
   return MODELS[name](model_config)
 
 
 # Importing the modules registers them.
+import errors
 from models import lm  # noqa: E402,F401  pylint: disable=g-import-not-at-top

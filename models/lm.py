@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+import errors
 import models
 from models.layers import attention  # noqa: F401  (registers A, W)
 from models.layers import common
@@ -37,7 +38,7 @@ def split_pattern(pattern: str) -> tuple[str, int]:
   for size in range(1, len(pattern) + 1):
     if len(pattern) % size == 0 and pattern[:size] * (len(pattern) // size) == pattern:
       return pattern[:size], len(pattern) // size
-  raise ValueError('model.pattern is empty')
+  raise errors.ConfigError('model.pattern is empty')
 
 
 def sublayer_class(cfg, char: str) -> type:
@@ -51,25 +52,25 @@ def sublayer_class(cfg, char: str) -> type:
 def validate(cfg) -> None:
   """Checks a model config; raises ValueError with one line naming the field."""
   if not cfg.pattern:
-    raise ValueError('model.pattern is empty; give one character per sublayer, e.g. "AF"*4')
+    raise errors.ConfigError('model.pattern is empty; give one character per sublayer, e.g. "AF"*4')
   unknown = sorted(set(cfg.pattern) - set(models.SUBLAYERS))
   if unknown:
-    raise ValueError(f'model.pattern={cfg.pattern!r} has unknown sublayer(s) {unknown}; '
+    raise errors.ConfigError(f'model.pattern={cfg.pattern!r} has unknown sublayer(s) {unknown}; '
                      f'known: {sorted(models.SUBLAYERS)}')
   if cfg.vocab_size <= 0:
-    raise ValueError(f'model.vocab_size={cfg.vocab_size} must be positive')
+    raise errors.ConfigError(f'model.vocab_size={cfg.vocab_size} must be positive')
   if cfg.position not in POSITIONS:
-    raise ValueError(f'model.position={cfg.position!r} is not one of {POSITIONS}')
+    raise errors.ConfigError(f'model.position={cfg.position!r} is not one of {POSITIONS}')
   if cfg.norm not in norms.KINDS:
-    raise ValueError(f'model.norm={cfg.norm!r} is not one of {norms.KINDS}')
+    raise errors.ConfigError(f'model.norm={cfg.norm!r} is not one of {norms.KINDS}')
   if cfg.norm_placement not in NORM_PLACEMENTS:
-    raise ValueError(f'model.norm_placement={cfg.norm_placement!r} is not one of {NORM_PLACEMENTS}')
+    raise errors.ConfigError(f'model.norm_placement={cfg.norm_placement!r} is not one of {NORM_PLACEMENTS}')
   if cfg.logit_softcap < 0:
-    raise ValueError(f'model.logit_softcap={cfg.logit_softcap} must be >= 0 (0: off)')
+    raise errors.ConfigError(f'model.logit_softcap={cfg.logit_softcap} must be >= 0 (0: off)')
   if cfg.remat not in REMAT_POLICIES:
-    raise ValueError(f'model.remat={cfg.remat!r} is not one of {sorted(REMAT_POLICIES)}')
+    raise errors.ConfigError(f'model.remat={cfg.remat!r} is not one of {sorted(REMAT_POLICIES)}')
   if not cfg.head_dim and cfg.d_model % cfg.num_heads:
-    raise ValueError(f'model.d_model={cfg.d_model} is not divisible by '
+    raise errors.ConfigError(f'model.d_model={cfg.d_model} is not divisible by '
                      f'model.num_heads={cfg.num_heads}; set model.head_dim')
   common.dtype_of(cfg.dtype)
   common.dtype_of(cfg.param_dtype)

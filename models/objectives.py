@@ -23,13 +23,15 @@ import math
 import jax
 import jax.numpy as jnp
 
+import errors
+
 OBJECTIVES = {}
 
 
 def register_objective(name):
   def wrap(fn):
     if name in OBJECTIVES:
-      raise ValueError(f'objective {name!r} is already registered')
+      raise errors.ConfigError(f'objective {name!r} is already registered')
     OBJECTIVES[name] = fn
     return fn
   return wrap
@@ -37,7 +39,7 @@ def register_objective(name):
 
 def get_objective(name: str):
   if name not in OBJECTIVES:
-    raise ValueError(f'objective={name!r} is not one of {sorted(OBJECTIVES)}')
+    raise errors.ConfigError(f'objective={name!r} is not one of {sorted(OBJECTIVES)}')
   return OBJECTIVES[name]
 
 

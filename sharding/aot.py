@@ -19,6 +19,8 @@ import os
 import re
 import sys
 
+import errors
+
 GiB = 2**30
 
 
@@ -46,7 +48,7 @@ LIBTPU_HINT = ('libtpu is not installed: pip install -r requirements-tpu.txt '
                '(libtpu==0.0.42.*, the version jax[tpu]==0.10.2 pins)')
 
 
-class PlanError(ValueError):
+class PlanError(errors.ConfigError):
   """A bad flag or a layout the topology cannot hold; the message is one line."""
 
 

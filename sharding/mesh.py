@@ -9,6 +9,7 @@ import jax
 from jax.experimental import mesh_utils
 import numpy as np
 
+import errors
 from sharding import rules
 
 
@@ -16,16 +17,16 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
   """Axis sizes in `rules.MESH_AXES` order; one size may be -1 to absorb the rest."""
   sizes = [int(mesh_config[a]) for a in rules.MESH_AXES]
   if sizes.count(-1) > 1:
-    raise ValueError(f'config.mesh: at most one axis may be -1, got {dict(zip(rules.MESH_AXES, sizes))}')
+    raise errors.ConfigError(f'config.mesh: at most one axis may be -1, got {dict(zip(rules.MESH_AXES, sizes))}')
   if any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f'config.mesh sizes must be positive or -1, got {dict(zip(rules.MESH_AXES, sizes))}')
+    raise errors.ConfigError(f'config.mesh sizes must be positive or -1, got {dict(zip(rules.MESH_AXES, sizes))}')
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f'config.mesh: {num_devices} devices do not divide by the fixed axes ({known})')
+      raise errors.ConfigError(f'config.mesh: {num_devices} devices do not divide by the fixed axes ({known})')
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
-    raise ValueError(f'config.mesh {dict(zip(rules.MESH_AXES, sizes))} needs {int(np.prod(sizes))} '
+    raise errors.ConfigError(f'config.mesh {dict(zip(rules.MESH_AXES, sizes))} needs {int(np.prod(sizes))} '
                      f'devices, but {num_devices} are present')
   return tuple(sizes)
 
@@ -89,7 +90,7 @@ def check_batch_split(batch_sharding, batch_size: int, process_count: int) -> No
   share = batch_size // process_count
   if len(rows) != process_count or any(len(r) != share for r in rows.values()) or (
       len(set().union(*rows.values())) != batch_size):
-    raise ValueError(f'config.mesh {dict(batch_sharding.mesh.shape)}: the batch axes (data, '
+    raise errors.ConfigError(f'config.mesh {dict(batch_sharding.mesh.shape)}: the batch axes (data, '
                      f'fsdp, expert) must split train.batch_size={batch_size} into '
                      f'{process_count} distinct shares of {share} rows, one per process; keep '
                      f'`tensor` within a host')

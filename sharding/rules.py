@@ -24,6 +24,8 @@ Axes the rules do not name (or a mesh axis of size 1) leave that dimension repli
 
 from __future__ import annotations
 
+import errors
+
 MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
 BATCH = ('data', 'fsdp', 'expert')
 
@@ -51,5 +53,5 @@ PRESETS = {
 
 def get_rules(name: str):
   if name not in PRESETS:
-    raise ValueError(f'sharding_rules={name!r} is not one of {sorted(PRESETS)}')
+    raise errors.ConfigError(f'sharding_rules={name!r} is not one of {sorted(PRESETS)}')
   return PRESETS[name]

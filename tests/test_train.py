@@ -151,8 +151,9 @@ def test_model_fields_are_checked_before_the_data_is_read(tmp_path):
 @pytest.mark.parametrize('config_arg,flag,message', [
     ('preset=nope,runlocal', None, "preset='nope' is not one of"),
     ('preset=llama_tiny,bogus=1', None, "config argument 'bogus' is not one of"),
-    ('preset=llama_tiny,runlocal', '--config.model.not_a_field=1',
-     "--config.model.not_a_field: the config has no field 'not_a_field'"),
+    ('preset=llama_tiny,runlocal', '--config.model.patern=AF',
+     "train.py: error: --config.model.patern: the config has no field 'patern'; did you mean "
+     "'pattern'?"),
     ('preset=llama_tiny,runlocal', '--config.model.d_model=abc', '--config.model.d_model=abc'),
 ])
 def test_bad_command_line_is_one_line(tmp_path, config_arg, flag, message):
@@ -173,3 +174,50 @@ def test_missing_config_file_is_one_line(tmp_path):
   assert proc.returncode != 0
   assert proc.stderr.strip().splitlines()[-1] == (
       "train.py: error: --config: [Errno 2] No such file or directory: 'configs/nope.py'")
+
+
+def test_flag_errors_name_the_flag_the_suggestion_and_moved_fields():
+  """What `--config.x.y=...` of a missing field prints, in-process (one line, no escapes)."""
+  import errors  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
+  config = config_dict.ConfigDict(dict(model=dict(pattern='AF'), objective=dict(z_loss=0.0)))
+  config.lock()  # as config_flags locks it (lock_config=True)
+  with pytest.raises((AttributeError, KeyError)) as e:
+    config.model.patern = 'x'  # what config_flags does for --config.model.patern
+  line = errors.flag_error_line(e.value, ['train.py', '--config.model.patern=AF'])
+  assert line == "--config.model.patern: the config has no field 'patern'; did you mean 'pattern'?"
+  with pytest.raises((AttributeError, KeyError)) as e:
+    config.model.zzz_unknown = 1
+  assert errors.flag_error_line(e.value, ['train.py', '--config.model.zzz_unknown=1']) == (
+      "--config.model.zzz_unknown: the config has no field 'zzz_unknown'")
+  with pytest.raises((AttributeError, KeyError)) as e:
+    config.model.z_loss = 1e-4
+  assert errors.flag_error_line(e.value, ['train.py', '--config.optim.z_loss=1e-4'],
+                                {'optim.z_loss': 'objective.z_loss'}) == (
+      '--config.optim.z_loss: the field moved: use --config.objective.z_loss')
+
+
+def test_an_unexpected_exception_prints_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
+  """Config, data and checkpoint errors are one line; anything else is reported as a bug
+  (`errors.run_main`, which train.py, experiments.convert and experiments.sweep run under)."""
+  import errors  # pylint: disable=g-import-not-at-top
+
+  def run(kind):
+    if kind == 'user':
+      raise errors.DataError('data.paths=/x/*.txt matches no file')
+    raise TypeError('unsupported operand type(s) for +: int and str')
+
+  monkeypatch.delenv('ARCHLAB_DEBUG', raising=False)
+  with pytest.raises(SystemExit) as e:
+    errors.run_main('train.py', run, 'user')
+  assert str(e.value) == 'train.py: error: data.paths=/x/*.txt matches no file'
+  assert 'Traceback' not in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:
+    errors.run_main('train.py', run, 'bug')
+  assert str(e.value).startswith('train.py: internal error: TypeError: unsupported operand')
+  assert 'This is a bug in archlab' in str(e.value)
+  err = capsys.readouterr().err
+  assert 'Traceback (most recent call last)' in err and 'in run' in err
+  monkeypatch.setenv('ARCHLAB_DEBUG', '1')
+  with pytest.raises(errors.DataError):
+    errors.run_main('train.py', run, 'user')

@@ -13,8 +13,10 @@ import os
 
 import orbax.checkpoint as ocp
 
+import errors
 
-class ConfigMismatchError(ValueError):
+
+class ConfigMismatchError(errors.CheckpointError):
   pass
 
 

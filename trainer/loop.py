@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+import errors
 import input_pipeline
 import models
 from models import objectives
@@ -41,7 +42,7 @@ def total_steps_for(train_config, tokens_per_step: int, train_flops_per_token: f
   """The budget in steps: `train.flops` or `train.tokens` when given, else `train.steps`."""
   t = train_config
   if t.flops and t.tokens:
-    raise ValueError(f'give one budget: train.flops={t.flops} and train.tokens={t.tokens} are both set')
+    raise errors.ConfigError(f'give one budget: train.flops={t.flops} and train.tokens={t.tokens} are both set')
   if t.flops:
     steps = math.ceil(t.flops / (train_flops_per_token * tokens_per_step))
   elif t.tokens:
@@ -49,7 +50,7 @@ def total_steps_for(train_config, tokens_per_step: int, train_flops_per_token: f
   else:
     steps = t.steps
   if steps <= 0:
-    raise ValueError('no budget: set train.steps, train.tokens or train.flops to a positive value')
+    raise errors.ConfigError('no budget: set train.steps, train.tokens or train.flops to a positive value')
   return int(steps)
 
 
@@ -159,7 +160,7 @@ def check_divisible(state_sharding, abstract, mesh, batch_size: int) -> None:
   that does not divide by its mesh axes, before jit fails with a long message."""
   rows = mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['expert']
   if batch_size % rows:
-    raise ValueError(f'train.batch_size={batch_size} does not divide by the batch mesh axes '
+    raise errors.ConfigError(f'train.batch_size={batch_size} does not divide by the batch mesh axes '
                      f'data x fsdp x expert = {rows}; change config.mesh or train.batch_size')
   flat_sharding = dict(jax.tree_util.tree_leaves_with_path(state_sharding))
   for path, leaf in jax.tree_util.tree_leaves_with_path(nn.meta.unbox(abstract)):
@@ -169,7 +170,7 @@ def check_divisible(state_sharding, abstract, mesh, batch_size: int) -> None:
       ways = int(np.prod([mesh.shape[a] for a in axes]))
       if size % ways:
         name = jax.tree_util.keystr(path, simple=True, separator='/')
-        raise ValueError(f'{name} {tuple(leaf.shape)}: dimension {dim} ({size}) does not divide '
+        raise errors.ConfigError(f'{name} {tuple(leaf.shape)}: dimension {dim} ({size}) does not divide '
                          f'by mesh axes {"x".join(axes)} = {ways}; change config.mesh or '
                          f'config.sharding_rules')
 
@@ -185,7 +186,7 @@ def setup(config, workdir: str | None, devices=None) -> Run:
   mesh_lib.maybe_initialize_distributed()
   t = config.train
   if t.batch_size <= 0 or t.batch_size % t.grad_accum:
-    raise ValueError(f'train.batch_size={t.batch_size} must be a positive multiple of '
+    raise errors.ConfigError(f'train.batch_size={t.batch_size} must be a positive multiple of '
                      f'train.grad_accum={t.grad_accum}')
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   rules = rules_lib.get_rules(config.sharding_rules)
@@ -200,7 +201,7 @@ def setup(config, workdir: str | None, devices=None) -> Run:
   if config.model.vocab_size == 0:
     config.model.vocab_size = vocab
   elif config.model.vocab_size < vocab:
-    raise ValueError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
+    raise errors.ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
                      f'tokenizer\'s {vocab}')
   model = models.build(config.model)
   token_bytes_V = jnp.asarray(np.pad(data.tokenizer.token_bytes_V,

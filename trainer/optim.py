@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import errors
+
 SCHEDULES = ('cosine', 'linear', 'wsd', 'constant')
 
 
@@ -15,7 +17,7 @@ def make_schedule(optim_config, total_steps: int):
   """Learning rate per step: linear warmup, then the named decay ending at `total_steps`."""
   o = optim_config
   if o.schedule not in SCHEDULES:
-    raise ValueError(f'optim.schedule={o.schedule!r} is not one of {SCHEDULES}')
+    raise errors.ConfigError(f'optim.schedule={o.schedule!r} is not one of {SCHEDULES}')
   warmup = min(o.warmup_steps, max(total_steps - 1, 0))
   decay_steps = max(total_steps - warmup, 1)
   final = o.lr * o.final_lr_fraction

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ml_collections
 
+import errors
 from configs import common
 
 WIDTHS = (24, 32, 48, 64, 80, 96, 128, 160, 192, 256, 384, 512, 768, 1024, 1536, 2048)
@@ -52,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   tokens_per_param=20.0, widths=list(WIDTHS[1:])),
   }
   if args.preset not in presets:
-    raise ValueError(f'preset={args.preset!r} is not one of {sorted(presets)} '
+    raise errors.ConfigError(f'preset={args.preset!r} is not one of {sorted(presets)} '
                      f'(configs/sweeps/arch_compare.py)')
   sweep = ml_collections.ConfigDict(presets[args.preset])
   sweep.name = f'arch_compare_{args.preset}'

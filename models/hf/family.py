@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+import errors
 from configs import common as configs_common
 
 Path = tuple  # a logical archlab parameter path (see the module docstring)
@@ -37,7 +38,7 @@ RUNTIME_FIELDS = ('name', 'scan_layers', 'remat', 'dtype', 'param_dtype', 'init_
                   'moe.capacity_group', 'moe.bias_update_rate')
 
 
-class UnsupportedError(ValueError):
+class UnsupportedError(errors.ConfigError):
   """A checkpoint or config archlab cannot translate; the message is one line."""
 
 
@@ -196,7 +197,7 @@ PENDING: dict[str, str] = {}  # model_type -> the components its mapping table w
 def register(family: Family) -> Family:
   """Adds a family to the registry; a second family for one model_type is refused."""
   if family.model_type in FAMILIES and FAMILIES[family.model_type] is not family:
-    raise ValueError(f'model_type {family.model_type!r} is already registered')
+    raise errors.ConfigError(f'model_type {family.model_type!r} is already registered')
   FAMILIES[family.model_type] = family
   return family
 
@@ -248,7 +249,7 @@ def model_config(fields: dict, runtime_from=None):
     try:
       get_field(cfg, name)
     except KeyError:
-      raise ValueError(f'model.{name} is not a field of configs/common.py:model_defaults') from None
+      raise errors.ConfigError(f'model.{name} is not a field of configs/common.py:model_defaults') from None
     set_field(cfg, name, value)
   return cfg
 

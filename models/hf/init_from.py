@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from absl import logging
 
+import errors
 from models.hf import family as family_lib
 from models.hf import files
 from models.hf import interop
@@ -20,7 +21,7 @@ SCHEME = 'hf:'
 
 def checkpoint_path(init_from: str) -> str:
   if not init_from.startswith(SCHEME) or len(init_from) == len(SCHEME):
-    raise ValueError(f'init_from={init_from!r} is not hf:/path/to/checkpoint_dir')
+    raise errors.ConfigError(f'init_from={init_from!r} is not hf:/path/to/checkpoint_dir')
   return init_from[len(SCHEME):]
 
 
@@ -38,7 +39,7 @@ def prepare(config):
   if diffs:
     shown = '; '.join(f'model.{k}={a!r} but the checkpoint has {b!r}' for k, a, b in diffs[:3])
     more = f' (and {len(diffs) - 3} more)' if len(diffs) > 3 else ''
-    raise ValueError(f'init_from={config.init_from}: the model config differs from {source}: '
+    raise errors.ConfigError(f'init_from={config.init_from}: the model config differs from {source}: '
                      f'{shown}{more}; set those fields to the checkpoint\'s')
   tokenizer = files.tokenizer_file(path)
   if tokenizer and not config.data.tokenizer_path:

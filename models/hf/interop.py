@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+import errors
 import models
 from configs import common as configs_common
 from models import lm
@@ -109,7 +110,7 @@ class Layout:
   def logical_shape(self, logical: tuple, shapes: dict) -> tuple:
     path, index = self.locate(logical)
     if path not in shapes:
-      raise ValueError(f'the mapping table names archlab parameter {"/".join(path)}, which this '
+      raise errors.ConfigError(f'the mapping table names archlab parameter {"/".join(path)}, which this '
                        'model does not have')
     return shapes[path][1:] if index is not None else shapes[path]
 
@@ -266,7 +267,7 @@ def export_hf(config, params, path: str, *, tokenizer_path: str | None = None,
   _check_tree(flat, shapes, family.model_type)
   extra = sorted(set(flat) - set(shapes))
   if extra:
-    raise ValueError(f'params has {"/".join(extra[0])}, which model {model_config.pattern!r} '
+    raise errors.ConfigError(f'params has {"/".join(extra[0])}, which model {model_config.pattern!r} '
                      'does not have')
 
   def logical(p):

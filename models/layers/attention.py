@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import errors
 import models
 from models.layers import common
 from models.layers import flash
@@ -36,7 +37,7 @@ KINDS: dict[str, tuple[type, type]] = {}
 def register_kind(kind: str, global_cls: type, window_cls: type) -> None:
   """Makes `A` and `W` use these classes when `model.attention.kind == kind`."""
   if kind in KINDS and KINDS[kind] != (global_cls, window_cls):
-    raise ValueError(f'attention kind {kind!r} is already registered')
+    raise errors.ConfigError(f'attention kind {kind!r} is already registered')
   KINDS[kind] = (global_cls, window_cls)
 
 
@@ -95,7 +96,7 @@ def library_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float, sinks_N=No
   the keys' head dim, so the narrower side is zero-padded (which changes no logit).
   """
   if sinks_N is not None:
-    raise ValueError('jax.nn.dot_product_attention has no sink logits; use attention.impl=xla')
+    raise errors.ConfigError('jax.nn.dot_product_attention has no sink logits; use attention.impl=xla')
   h, hv = k_BSKH.shape[-1], v_BSKH.shape[-1]
   pad = lambda x, to: jnp.pad(x, [(0, 0)] * 3 + [(0, to - x.shape[-1])])
   if hv < h:
@@ -250,20 +251,20 @@ def validate_shared(cfg, cls, head_dims: tuple[int, ...]) -> None:
   """Checks the `attention` fields every kind reads; one-line ValueErrors naming the field."""
   a = cfg.attention
   if a.impl not in IMPLS:
-    raise ValueError(f'model.attention.impl={a.impl!r} is not one of {IMPLS}')
+    raise errors.ConfigError(f'model.attention.impl={a.impl!r} is not one of {IMPLS}')
   if a.impl != 'auto':
     problem = impl_problem(cfg, a.impl, head_dims)
     if problem:
-      raise ValueError(f'model.attention.impl={a.impl!r} cannot serve this model: {problem}; '
+      raise errors.ConfigError(f'model.attention.impl={a.impl!r} cannot serve this model: {problem}; '
                        f"use 'xla' or 'auto'")
   if a.causal_block < 0:
-    raise ValueError(f'model.attention.causal_block={a.causal_block} must be >= 0')
+    raise errors.ConfigError(f'model.attention.causal_block={a.causal_block} must be >= 0')
   if a.window < 0 or (cls.windowed and a.window == 0):
-    raise ValueError(f"model.attention.window={a.window} must be positive for 'W' sublayers")
+    raise errors.ConfigError(f"model.attention.window={a.window} must be positive for 'W' sublayers")
   if a.output_gate not in OUTPUT_GATES:
-    raise ValueError(f'model.attention.output_gate={a.output_gate!r} is not one of {OUTPUT_GATES}')
+    raise errors.ConfigError(f'model.attention.output_gate={a.output_gate!r} is not one of {OUTPUT_GATES}')
   if a.qk_norm not in QK_NORMS:
-    raise ValueError(f'model.attention.qk_norm={a.qk_norm!r} is not one of {QK_NORMS}')
+    raise errors.ConfigError(f'model.attention.qk_norm={a.qk_norm!r} is not one of {QK_NORMS}')
 
 
 def score_length(cls, cfg, seq_len: int) -> int:
@@ -282,7 +283,7 @@ class Attention(nn.Module):
     """The class that serves this pattern character for `model.attention.kind`."""
     kind = cfg.attention.kind
     if kind not in KINDS:
-      raise ValueError(f'model.attention.kind={kind!r} is not one of {sorted(KINDS)}')
+      raise errors.ConfigError(f'model.attention.kind={kind!r} is not one of {sorted(KINDS)}')
     return KINDS[kind][cls.windowed]
 
   @classmethod
@@ -293,12 +294,12 @@ class Attention(nn.Module):
   def validate(cls, cfg):
     n, k = cfg.num_heads, cfg.num_kv_heads
     if n <= 0 or k <= 0 or n % k:
-      raise ValueError(f'model.num_heads={n} must be a positive multiple of '
+      raise errors.ConfigError(f'model.num_heads={n} must be a positive multiple of '
                        f'model.num_kv_heads={k}')
     validate_shared(cfg, cls, (head_dim(cfg),))
     if cfg.position == 'rope':
       if head_dim(cfg) % 2:
-        raise ValueError(f'RoPE needs an even head dim, model.head_dim={head_dim(cfg)}')
+        raise errors.ConfigError(f'RoPE needs an even head dim, model.head_dim={head_dim(cfg)}')
       positions_lib.validate(cfg, head_dim(cfg))
 
   @classmethod

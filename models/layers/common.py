@@ -7,13 +7,15 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
+import errors
+
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
 def dtype_of(name: str):
   """Maps a config dtype name to a jnp dtype, naming the allowed ones on error."""
   if name not in DTYPES:
-    raise ValueError(f'dtype {name!r} is not one of {sorted(DTYPES)}')
+    raise errors.ConfigError(f'dtype {name!r} is not one of {sorted(DTYPES)}')
   return DTYPES[name]
 
 

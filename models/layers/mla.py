@@ -19,6 +19,7 @@ from typing import ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
+import errors
 from models.layers import attention
 from models.layers import common
 from models.layers import norms
@@ -60,22 +61,22 @@ class MLAttention(nn.Module):
   def validate(cls, cfg):
     q_rank, kv_rank, nope, rope, hv = dims(cfg)
     if cfg.num_heads <= 0:
-      raise ValueError(f'model.num_heads={cfg.num_heads} must be positive')
+      raise errors.ConfigError(f'model.num_heads={cfg.num_heads} must be positive')
     for name, value in (('kv_rank', kv_rank), ('nope_head_dim', nope), ('v_head_dim', hv)):
       if value <= 0:
-        raise ValueError(f'model.attention.mla.{name}={value} must be positive')
+        raise errors.ConfigError(f'model.attention.mla.{name}={value} must be positive')
     if q_rank < 0:
-      raise ValueError(f'model.attention.mla.q_rank={q_rank} must be >= 0 (0: no query bottleneck)')
+      raise errors.ConfigError(f'model.attention.mla.q_rank={q_rank} must be >= 0 (0: no query bottleneck)')
     if rope < 0 or rope % 2 or (cfg.position == 'rope' and rope == 0):
-      raise ValueError(f'model.attention.mla.rope_head_dim={rope} must be even, and positive '
+      raise errors.ConfigError(f'model.attention.mla.rope_head_dim={rope} must be even, and positive '
                        f'with model.position=rope')
     if cfg.attention.qk_norm != 'none':
-      raise ValueError(f"model.attention.qk_norm={cfg.attention.qk_norm!r} does not apply to "
+      raise errors.ConfigError(f"model.attention.qk_norm={cfg.attention.qk_norm!r} does not apply to "
                        f"attention.kind='mla' (it normalises its latents); use 'none'")
     attention.validate_shared(cfg, cls, (nope + rope, hv, kv_rank + rope))
     if cfg.position == 'rope':
       if cfg.rope_fraction != 1:
-        raise ValueError(f"model.rope_fraction={cfg.rope_fraction} does not apply to "
+        raise errors.ConfigError(f"model.rope_fraction={cfg.rope_fraction} does not apply to "
                          f"attention.kind='mla'; set attention.mla.rope_head_dim")
       positions_lib.validate(cfg, rope)
 

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import errors
 import models
 from models.layers import common
 
@@ -48,12 +49,12 @@ class Mlp(nn.Module):
   @classmethod
   def validate(cls, cfg):
     if cfg.mlp_activation not in ACTIVATIONS and cfg.mlp_activation not in GATED:
-      raise ValueError(f'model.mlp_activation={cfg.mlp_activation!r} is not one of '
+      raise errors.ConfigError(f'model.mlp_activation={cfg.mlp_activation!r} is not one of '
                        f'{sorted(ACTIVATIONS) + sorted(GATED)}')
     if cfg.mlp_dim <= 0:
-      raise ValueError(f'model.mlp_dim={cfg.mlp_dim} must be positive')
+      raise errors.ConfigError(f'model.mlp_dim={cfg.mlp_dim} must be positive')
     if cfg.mlp_activation == 'swiglu_clamped' and cfg.swiglu_limit <= 0:
-      raise ValueError(f'model.swiglu_limit={cfg.swiglu_limit} must be positive')
+      raise errors.ConfigError(f'model.swiglu_limit={cfg.swiglu_limit} must be positive')
 
   @classmethod
   def flops_per_token(cls, cfg, seq_len: int) -> float:

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+import errors
 import models
 from models.layers import common
 from models.layers import mlp
@@ -249,37 +250,37 @@ class Moe(nn.Module):
     mlp.Mlp.validate(cfg)
     m = cfg.moe
     if m.num_experts < 1:
-      raise ValueError(f'model.moe.num_experts={m.num_experts} must be positive')
+      raise errors.ConfigError(f'model.moe.num_experts={m.num_experts} must be positive')
     if m.num_experts_per_tok < 1:
-      raise ValueError(f'model.moe.num_experts_per_tok={m.num_experts_per_tok} must be positive')
+      raise errors.ConfigError(f'model.moe.num_experts_per_tok={m.num_experts_per_tok} must be positive')
     if m.num_experts_per_tok > m.num_experts:
-      raise ValueError(f'model.moe.num_experts_per_tok={m.num_experts_per_tok} exceeds '
+      raise errors.ConfigError(f'model.moe.num_experts_per_tok={m.num_experts_per_tok} exceeds '
                        f'model.moe.num_experts={m.num_experts}')
     for field in ('expert_mlp_dim', 'num_shared_experts', 'shared_expert_mlp_dim',
                   'aux_loss_weight', 'router_z_loss_weight', 'bias_update_rate'):
       if m[field] < 0:
-        raise ValueError(f'model.moe.{field}={m[field]} must be >= 0')
+        raise errors.ConfigError(f'model.moe.{field}={m[field]} must be >= 0')
     if m.router not in ROUTERS:
-      raise ValueError(f'model.moe.router={m.router!r} is not one of {ROUTERS}')
+      raise errors.ConfigError(f'model.moe.router={m.router!r} is not one of {ROUTERS}')
     if m.dispatch not in DISPATCHES:
-      raise ValueError(f'model.moe.dispatch={m.dispatch!r} is not one of {DISPATCHES}')
+      raise errors.ConfigError(f'model.moe.dispatch={m.dispatch!r} is not one of {DISPATCHES}')
     if m.capacity_factor <= 0:
-      raise ValueError(f'model.moe.capacity_factor={m.capacity_factor} must be positive')
+      raise errors.ConfigError(f'model.moe.capacity_factor={m.capacity_factor} must be positive')
     if m.capacity_group not in CAPACITY_GROUPS:
-      raise ValueError(f'model.moe.capacity_group={m.capacity_group!r} is not one of '
+      raise errors.ConfigError(f'model.moe.capacity_group={m.capacity_group!r} is not one of '
                        f'{CAPACITY_GROUPS}')
     if m.routed_scaling_factor <= 0:
-      raise ValueError(f'model.moe.routed_scaling_factor={m.routed_scaling_factor} must be positive')
+      raise errors.ConfigError(f'model.moe.routed_scaling_factor={m.routed_scaling_factor} must be positive')
     if m.shared_expert_gate and not m.num_shared_experts:
-      raise ValueError('model.moe.shared_expert_gate=True needs model.moe.num_shared_experts > 0')
+      raise errors.ConfigError('model.moe.shared_expert_gate=True needs model.moe.num_shared_experts > 0')
     if m.n_group < 1 or m.num_experts % m.n_group:
-      raise ValueError(f'model.moe.n_group={m.n_group} must be a positive divisor of '
+      raise errors.ConfigError(f'model.moe.n_group={m.n_group} must be a positive divisor of '
                        f'model.moe.num_experts={m.num_experts}')
     if not 1 <= m.topk_group <= m.n_group:
-      raise ValueError(f'model.moe.topk_group={m.topk_group} must be in [1, '
+      raise errors.ConfigError(f'model.moe.topk_group={m.topk_group} must be in [1, '
                        f'model.moe.n_group={m.n_group}]')
     if m.topk_group * (m.num_experts // m.n_group) < m.num_experts_per_tok:
-      raise ValueError(f'model.moe.topk_group={m.topk_group} groups of '
+      raise errors.ConfigError(f'model.moe.topk_group={m.topk_group} groups of '
                        f'{m.num_experts // m.n_group} experts hold fewer than '
                        f'model.moe.num_experts_per_tok={m.num_experts_per_tok}')
 

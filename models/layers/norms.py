@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import errors
 from models.layers import common
 
 KINDS = ('rmsnorm', 'layernorm')
@@ -41,7 +42,7 @@ class Norm(nn.Module):
       var_BT1 = jnp.mean(jnp.square(x32_BTD - mean_BT1), axis=reduce, keepdims=True)
       y_BTD = (x32_BTD - mean_BT1) * jax.lax.rsqrt(var_BT1 + self.eps)
     else:
-      raise ValueError(f'model.norm={self.kind!r} is not one of {KINDS}')
+      raise errors.ConfigError(f'model.norm={self.kind!r} is not one of {KINDS}')
     init = common.zeros_init if self.zero_centred else common.ones_init
     scale_D = self.param('scale', init(self.axes), shape, self.param_dtype).astype(jnp.float32)
     y_BTD = y_BTD * (1.0 + scale_D if self.zero_centred else scale_D)

@@ -14,6 +14,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+import errors
+
 SCALINGS = ('none', 'linear', 'llama3', 'yarn')
 
 
@@ -32,7 +34,7 @@ def rope_frequencies(dim: int, theta: float, scaling=None) -> tuple[np.ndarray, 
   the attention factor multiplies cos and sin (YaRN's temperature; 1 otherwise).
   """
   if dim % 2:
-    raise ValueError(f'RoPE needs an even number of rotated dims, got {dim}')
+    raise errors.ConfigError(f'RoPE needs an even number of rotated dims, got {dim}')
   # transformers: base ** (arange(0, dim, 2).float() / dim), all float32.
   exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
   pos_freqs = np.power(np.float32(theta), exponent, dtype=np.float32)
@@ -47,7 +49,7 @@ def rope_frequencies(dim: int, theta: float, scaling=None) -> tuple[np.ndarray, 
     return _llama3(inv_freq, factor, scaling), 1.0
   if kind == 'yarn':
     return _yarn(pos_freqs, dim, theta, factor, scaling)
-  raise ValueError(f'model.rope_scaling.kind={kind!r} is not one of {SCALINGS}')
+  raise errors.ConfigError(f'model.rope_scaling.kind={kind!r} is not one of {SCALINGS}')
 
 
 def _llama3(inv_freq, factor, s):
@@ -128,21 +130,21 @@ def rope_from_config(cfg, head_dim: int) -> Rope:
 def validate(cfg, head_dim: int) -> None:
   """Checks the RoPE fields; one-line ValueErrors naming the field."""
   if not 0 < cfg.rope_fraction <= 1:
-    raise ValueError(f'model.rope_fraction={cfg.rope_fraction} must be in (0, 1]')
+    raise errors.ConfigError(f'model.rope_fraction={cfg.rope_fraction} must be in (0, 1]')
   dim = rotary_dim(head_dim, cfg.rope_fraction)
   if dim % 2 or dim == 0:
-    raise ValueError(f'RoPE needs an even, non-zero number of rotated dims: model.head_dim='
+    raise errors.ConfigError(f'RoPE needs an even, non-zero number of rotated dims: model.head_dim='
                      f'{head_dim} x model.rope_fraction={cfg.rope_fraction} gives {dim}')
   s = cfg.rope_scaling
   if s.kind not in SCALINGS:
-    raise ValueError(f'model.rope_scaling.kind={s.kind!r} is not one of {SCALINGS}')
+    raise errors.ConfigError(f'model.rope_scaling.kind={s.kind!r} is not one of {SCALINGS}')
   if s.kind != 'none' and s.factor <= 0:
-    raise ValueError(f'model.rope_scaling.factor={s.factor} must be positive')
+    raise errors.ConfigError(f'model.rope_scaling.factor={s.factor} must be positive')
   if s.kind in ('llama3', 'yarn') and s.original_max_len <= 0:
-    raise ValueError(f'model.rope_scaling.original_max_len={s.original_max_len} must be positive '
+    raise errors.ConfigError(f'model.rope_scaling.original_max_len={s.original_max_len} must be positive '
                      f'for kind={s.kind!r}')
   if s.kind == 'llama3' and s.high_freq_factor <= s.low_freq_factor:
-    raise ValueError(f'model.rope_scaling.high_freq_factor={s.high_freq_factor} must exceed '
+    raise errors.ConfigError(f'model.rope_scaling.high_freq_factor={s.high_freq_factor} must exceed '
                      f'low_freq_factor={s.low_freq_factor}')
 
 

@@ -1,0 +1,89 @@
+"""The errors archlab reports to its user in one line.
+
+Bad input is a `UserError`: a config field (`ConfigError`), a data file or corpus
+(`DataError`), a checkpoint or workdir (`CheckpointError`). Its message is one line that names
+the field, file or step, and the entry points (`train.py`, `experiments.*`) print it as
+`PROGRAM: error: MESSAGE` without a traceback. Anything else that escapes is a bug: the entry
+points print its traceback and ask for a report (`report_bug`).
+
+They subclass ValueError, so `except ValueError` (and `pytest.raises(ValueError)`) still
+catches them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import traceback
+
+class UserError(ValueError):
+  """Bad input; the message is one line naming what is wrong."""
+
+
+class ConfigError(UserError):
+  """A config field (or a flag) has a value archlab cannot use."""
+
+
+class DataError(UserError):
+  """A corpus, data file or tokenizer cannot be read as configured."""
+
+
+class CheckpointError(UserError):
+  """A checkpoint or workdir cannot be used as asked (missing, damaged, another model)."""
+
+
+def run_main(program: str, fn, *args, **kwargs):
+  """`fn(*args, **kwargs)` as an entry point runs it: a `UserError` (or a FloatingPointError: a
+  loss that turned NaN) exits with its one line, anything else with its traceback and
+  `report_bug`'s line. `ARCHLAB_DEBUG=1` lets every exception through."""
+  debug = bool(os.environ.get('ARCHLAB_DEBUG'))
+  try:
+    return fn(*args, **kwargs)
+  except (UserError, FloatingPointError) as e:
+    if debug:
+      raise
+    sys.exit(f'{program}: error: {e}')
+  except Exception as e:  # pylint: disable=broad-except
+    if debug:
+      raise
+    sys.exit(report_bug(program, e))
+
+
+def report_bug(program: str, error: BaseException) -> str:
+  """Prints `error`'s traceback to stderr and returns the line an entry point exits with."""
+  traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+  return (f'{program}: internal error: {type(error).__name__}: '
+          f'{str(error).strip().splitlines()[0] if str(error).strip() else "(no message)"}\n'
+          f'This is a bug in archlab, not in your input: please report it with the traceback '
+          f'above and the command you ran.')
+
+
+def flag_error_line(error: BaseException, argv: list[str], moved: dict[str, str] | None = None) -> str:
+  """One line for an error absl or ml_collections raised while parsing flags.
+
+  A `--config.a.b=...` override of a field the config lacks names the flag, the field and
+  the suggestion ml_collections makes ("did you mean"); a field in `moved` (old dotted name ->
+  new one) says the new spelling. Any other error keeps its flag and its last line.
+  """
+  missing = isinstance(error, (AttributeError, KeyError))
+  while missing and error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]  # ml_collections wraps the KeyError in an AttributeError
+  message = str(error.args[0]) if missing and error.args else str(error)
+  if missing:
+    field = (re.match(r'Key "([^"]+)" does not exist', message.strip())
+             or re.match(r"""['"]?([^'"\s]+)['"]?""", message.strip()))
+    field = field.group(1) if field else message.strip()
+    suggestion = re.search(r'Did you mean "([^"]+)"', message)
+    flag = next((a.split('=')[0] for a in argv[1:] if a.startswith('--config.')
+                 and field in a.split('=')[0].split('.')), None)
+    dotted = flag[len('--config.'):] if flag else field
+    for old, new in (moved or {}).items():
+      if dotted == old or dotted.startswith(old + '.'):
+        return f'{flag or old}: the field moved: use --config.{new}{dotted[len(old):]}'
+    hint = f"; did you mean {suggestion.group(1)!r}?" if suggestion else ''
+    return f'{flag or "--config"}: the config has no field {field!r}{hint}'
+  lines = [line.strip() for line in message.splitlines() if line.strip()]
+  if not lines:
+    return type(error).__name__
+  return lines[0] if len(lines) == 1 else f'{lines[0].split(": ")[0]}: {lines[-1]}'
