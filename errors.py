@@ -78,12 +78,26 @@ def flag_error_line(error: BaseException, argv: list[str], moved: dict[str, str]
     flag = next((a.split('=')[0] for a in argv[1:] if a.startswith('--config.')
                  and field in a.split('=')[0].split('.')), None)
     dotted = flag[len('--config.'):] if flag else field
-    for old, new in (moved or {}).items():
-      if dotted == old or dotted.startswith(old + '.'):
-        return f'{flag or old}: the field moved: use --config.{new}{dotted[len(old):]}'
+    line = _moved_line(flag or f'--config.{dotted}', dotted, moved)
+    if line:
+      return line
     hint = f"; did you mean {suggestion.group(1)!r}?" if suggestion else ''
     return f'{flag or "--config"}: the config has no field {field!r}{hint}'
+  flag = re.match(r'flag (--config\.[\w.]+)=', message)
+  line = flag and _moved_line(flag.group(1), flag.group(1)[len('--config.'):], moved)
+  if line:
+    return line
   lines = [line.strip() for line in message.splitlines() if line.strip()]
   if not lines:
     return type(error).__name__
   return lines[0] if len(lines) == 1 else f'{lines[0].split(": ")[0]}: {lines[-1]}'
+
+
+def _moved_line(flag: str, dotted: str, moved: dict[str, str] | None) -> str | None:
+  """'FLAG: the field moved: use --config.NEW' when `dotted` (or a field under it) moved."""
+  for old, new in (moved or {}).items():
+    if dotted == old:
+      return f'{flag}: the field moved: use --config.{new}'
+    if dotted.startswith(old + '.') and not new.startswith(old + '.'):
+      return f'{flag}: the field moved: use --config.{new}{dotted[len(old):]}'
+  return None

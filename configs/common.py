@@ -1,4 +1,10 @@
-"""Shared config pieces: the `:key=value` argument parser and the defaults every family uses."""
+"""Shared config pieces: the `:key=value` argument parser and the defaults every family uses.
+
+The model's fields are declared beside the modules that read them (the decoder in
+models/lm.py, each sublayer in its file under models/layers/) and the objectives' beside
+theirs (models/objectives.py); `base_config()` gathers them with the data, optimizer, training
+and mesh fields below.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,16 @@ import ml_collections
 
 import errors
 from models import lm
+from models import objectives
+from models import schema
 
 
 # Fields that moved: the old dotted name -> the new one. A command line that sets an old name
 # is refused in one line that gives the new spelling (train.py).
-MOVED_FIELDS: dict[str, str] = {}
+MOVED_FIELDS = {
+    'optim.z_loss': 'objective.z_loss',
+    'objective': 'objective.name',  # config.objective is a section (models/objectives.py)
+}
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -58,95 +69,9 @@ def set_field(node, dotted: str, value) -> None:
 
 
 def model_defaults() -> ml_collections.ConfigDict:
-  """The decoder's fields; families change what differs."""
-  return ml_collections.ConfigDict(dict(
-      name='lm',
-      pattern='AF' * 4,          # one character per residual sublayer (DESIGN.md)
-      vocab_size=0,              # 0: taken from the tokenizer
-      d_model=128,
-      num_heads=4,
-      num_kv_heads=4,
-      head_dim=0,                # 0: d_model // num_heads
-      mlp_dim=512,
-      mlp_activation='swiglu',   # swiglu | geglu | swiglu_clamped | gelu | gelu_exact | relu | relu2 | silu
-      swiglu_limit=7.0,          # swiglu_clamped (GPT-OSS): gate <= limit, |up| <= limit,
-      swiglu_alpha=1.702,        #   out = (up + 1) * gate * sigmoid(alpha * gate)
-      norm='rmsnorm',            # rmsnorm | layernorm
-      norm_eps=1e-5,
-      norm_zero_centred=False,   # scale stored as w, applied as 1 + w (Gemma, Qwen3-Next)
-      norm_placement='pre',      # pre: x + op(norm(x)) | post: x + norm(op(x)) (OLMo 2/3) | sandwich (Gemma 2/3)
-      position='rope',           # rope | learned | none
-      rope_theta=10000.0,
-      rope_fraction=1.0,         # partial rotary: rotate the first int(head_dim * fraction) dims
-      rope_interleaved=False,    # pairs (2i, 2i+1) (GPT-J, DeepSeek) instead of rotate-half (i, i+R/2)
-      rope_scaling=dict(         # as transformers' rope_scaling / rope_parameters
-          kind='none',           # none | linear | llama3 | yarn
-          factor=1.0,            # context extension factor (linear, llama3, yarn)
-          original_max_len=8192,  # llama3 and yarn: pre-training context (original_max_position_embeddings)
-          low_freq_factor=1.0,   # llama3
-          high_freq_factor=4.0,  # llama3
-          beta_fast=32.0,        # yarn: ramp boundaries in rotations
-          beta_slow=1.0,         # yarn
-          mscale=0.0,            # yarn: with mscale_all_dim, attention factor mscale(m) / mscale(m_all)
-          mscale_all_dim=0.0,    # yarn (MLA also multiplies its softmax scale by mscale(m_all)^2)
-          attention_factor=0.0,  # yarn: cos/sin factor; 0: 0.1 ln(factor) + 1
-          truncate=True,         # yarn: round the ramp boundaries to integers
-      ),
-      max_len=2048,              # rows of the learned position table
-      tie_embeddings=False,
-      use_bias=False,            # every bias (attention, MLP); the switches below add them separately
-      mlp_bias=False,            # biases on the MLP's projections
-      embed_scale=1.0,           # multiplies token embeddings (Gemma: sqrt(d_model))
-      logit_softcap=0.0,         # cap * tanh(logits / cap) on the output logits (0: off)
-      bidirectional=False,       # True for diffusion objectives
-      init_std=0.02,
-      scan_layers=True,          # nn.scan over the pattern's repeating unit
-      remat='none',              # none | full | save_dots | save_dots_no_batch
-      dtype='float32',           # compute dtype
-      param_dtype='float32',
-      attention=dict(
-          kind='mha',            # mha (MHA/GQA/MQA by num_kv_heads) | mla (DeepSeek, see mla below)
-          impl='auto',           # auto | xla (reference) | flash (blocked) | dot_product (jax.nn) | cudnn (GPU)
-          softmax_scale=0.0,     # 0: 1/sqrt(head_dim)
-          causal_block=128,      # query block rows; skips fully masked key blocks (0: off)
-          window=0,              # W sublayers: a query sees keys fewer than window positions back
-          qk_norm='none',        # none | head (RMSNorm per head, Qwen3) | full (whole q/k width, OLMo 2/3)
-          qkv_bias=False,        # biases on q, k, v (Qwen2)
-          o_bias=False,          # bias on the output projection
-          output_gate='none',    # none | headwise | elementwise: sigmoid(x W_gate) * attention (Qwen3-Next)
-          sinks=False,           # a learned logit per head in the softmax denominator (GPT-OSS)
-          mla=dict(              # kind='mla': multi-head latent attention (models/layers/mla.py)
-              q_rank=0,          # query bottleneck rank (0: full-rank queries)
-              kv_rank=64,        # shared key/value latent
-              nope_head_dim=32,  # per-head key/query features without RoPE
-              rope_head_dim=16,  # RoPE features (the key's shared by all heads)
-              v_head_dim=32,
-              norm_eps=0.0,      # eps of the latent RMSNorms (0: model.norm_eps; DeepSeek: 1e-6)
-          ),
-      ),
-      moe=dict(                  # the `E` sublayer (models/layers/moe.py)
-          num_experts=8,
-          num_experts_per_tok=2,     # top-k
-          expert_mlp_dim=0,          # 0: model.mlp_dim
-          router='softmax',          # softmax | sigmoid (scores for top-k and weights, fp32)
-          norm_topk_prob=True,       # renormalise the k weights to sum to one
-          routed_scaling_factor=1.0, # multiplies the routed weights (DeepSeek V3: 2.5)
-          num_shared_experts=0,      # always-on experts, one MLP of n x shared_expert_mlp_dim
-          shared_expert_mlp_dim=0,   # 0: expert_mlp_dim
-          shared_expert_gate=False,  # sigmoid(x w) gate on the shared output (Qwen2-MoE)
-          n_group=1,                 # DeepSeek group-limited routing: experts in n_group groups,
-          topk_group=1,              #   top-k only within the best topk_group groups
-          aux_loss_weight=0.01,      # Switch/GShard load-balancing loss, summed over layers
-          router_z_loss_weight=0.0,  # ST-MoE z-loss on the router logits
-          bias_update_rate=0.0,      # DeepSeek V3 aux-loss-free bias step (0: off; V3 0.001)
-          correction_bias=False,     # a frozen per-expert parameter added to the scores for
-                                     #   selection only (a checkpoint's e_score_correction_bias)
-          dispatch='dropless',       # dropless (ragged_dot) | capacity | dense (reference)
-          capacity_factor=1.25,      # capacity: slots per expert = cf * tokens * k / E
-          capacity_group='row',      # capacity: a buffer per batch row (tokens stay on their
-                                     #   device) | batch (one for all tokens of the step)
-      ),
-  ))
+  """config.model's fields and defaults: the decoder's (models/lm.py) and each sublayer's,
+  declared beside its module (models/layers/*.py); models/schema.py assembles them."""
+  return schema.model_defaults()
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -179,7 +104,6 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.1,
       decay_embeddings=False,    # weight decay on embeddings and the head
       grad_clip=1.0,             # global norm; 0 disables
-      z_loss=0.0,                # weight of log(Z)^2 on the output softmax
   ))
   config.train = ml_collections.ConfigDict(dict(
       batch_size=16,             # global, in rows of data.seq_len tokens
@@ -197,7 +121,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
   config.sharding_rules = 'fsdp'
   config.peak_flops = 0.0        # per device; 0 measures the fp32 matmul peak at start-up
-  config.objective = 'next_token'
+  # `name` and every objective's fields (models/objectives.py): next_token's z_loss, ...
+  config.objective = objectives.objective_defaults()
   config.init_from = ''          # hf:/dir: start from a Hugging Face checkpoint (models/hf)
   return config
 

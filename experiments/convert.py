@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 
 from absl import app
 from absl import flags
@@ -30,11 +29,12 @@ import orbax.checkpoint as ocp
 import errors
 from configs import common as configs_common
 from models import hf
+from models import schema
 from models.hf import family as family_lib
 from models.hf import files as hf_files
 from models.hf import interop
 from trainer import checkpoint
-from trainer import loop
+from trainer import state as state_lib
 
 _FROM = flags.DEFINE_string('from', None, 'hf:/dir or archlab:/workdir to read.')
 _TO = flags.DEFINE_string('to', None, 'archlab:/dir or hf:/dir to write.')
@@ -69,16 +69,17 @@ def read_archlab(workdir: str, step: int | None = None):
                                options=ocp.CheckpointManagerOptions(read_only=True, create=False))
   step = mngr.latest_step() if step is None else step
   if step is None or step not in mngr.all_steps():
-    raise errors.CheckpointError(f'{workdir}: no checkpoint{"" if step is None else f" at step {step}"} '
-                     f'(steps: {list(mngr.all_steps())})')
+    raise errors.CheckpointError(f'{workdir}: no checkpoint'
+                                 f'{"" if step is None else f" at step {step}"} '
+                                 f'(steps: {list(mngr.all_steps())})')
   saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
   model_config = configs_common.model_defaults()
-  for name, value in family_lib.leaves(saved).items():
+  for name, value in schema.leaves(saved).items():
     try:
       family_lib.set_field(model_config, name, value)
     except KeyError:
-      raise errors.CheckpointError(f'{workdir}: checkpoint {step} has model.{name}, which '
-                       'configs/common.py no longer has') from None
+      raise errors.CheckpointError(f'{workdir}: checkpoint {step} has model.{name}, which the '
+                                   'model config (models/schema.py) no longer has') from None
   shapes = interop.variable_shapes(model_config)
   abstract = {}
   for collection, paths in shapes.items():
@@ -101,7 +102,7 @@ def write_archlab(workdir: str, config, params) -> None:
     raise errors.CheckpointError(f'{workdir} already holds checkpoints/; give a new directory')
   mngr = checkpoint.manager(workdir, keep=1)
   state = {'step': np.zeros((), np.int32), 'params': params}
-  checkpoint.save(mngr, 0, state, {}, loop.comparable_model_config(config.model))
+  checkpoint.save(mngr, 0, state, {}, state_lib.saved_model_config(config.model))
   mngr.wait_until_finished()
   mngr.close()
 

@@ -17,19 +17,32 @@ from __future__ import annotations
 
 from typing import Callable
 
+import errors
+
 SUBLAYERS: dict[str, type] = {}
 MODELS: dict[str, Callable] = {}
 
 
 def register_sublayer(char: str):
-  """Registers a sublayer class under one pattern character; duplicates are refused."""
+  """Registers a `models.sublayer.Sublayer` class under one pattern character.
+
+  A character already taken by another class, a class that is no Sublayer, or one without
+  its own `flops_per_token` is refused.
+  """
   if len(char) != 1:
     raise errors.ConfigError(f'a sublayer registers under one character, got {char!r}')
 
   def wrap(cls):
+    from models import sublayer  # pylint: disable=g-import-not-at-top
     if char in SUBLAYERS and SUBLAYERS[char] is not cls:
       raise errors.ConfigError(f'pattern character {char!r} is already taken by '
-                       f'{SUBLAYERS[char].__name__}; pick another for {cls.__name__}')
+                               f'{SUBLAYERS[char].__name__}; pick another for {cls.__name__}')
+    if not (isinstance(cls, type) and issubclass(cls, sublayer.Sublayer)):
+      raise errors.ConfigError(f'{getattr(cls, "__name__", cls)} registers as sublayer {char!r} '
+                               'but does not derive from models.sublayer.Sublayer')
+    if cls.flops_per_token.__func__ is sublayer.Sublayer.flops_per_token.__func__:
+      raise errors.ConfigError(f'sublayer {char!r} ({cls.__name__}) must define '
+                               'flops_per_token(cfg, seq_len)')
     SUBLAYERS[char] = cls
     return cls
 
@@ -58,5 +71,4 @@ def build(model_config):
 
 
 # Importing the modules registers them.
-import errors
 from models import lm  # noqa: E402,F401  pylint: disable=g-import-not-at-top

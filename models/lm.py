@@ -1,10 +1,15 @@
 """The decoder: embeddings, a pattern of residual sublayers, final norm and output head.
 
-`config.model.pattern` is one character a sublayer (DESIGN.md). Its smallest repeating unit
-is one `Block`; with `scan_layers` the block is scanned (`nn.scan`) so compile time does not
-grow with depth, otherwise the repeats are unrolled. Sublayers return `(y, aux)`; `aux`
+`config.model.pattern` is one character a sublayer (DESIGN.md); each character is a
+`models.sublayer.Sublayer` class from the registry. The pattern's smallest repeating unit is
+one `Block`; with `scan_layers` the block is scanned (`nn.scan`) so compile time does not grow
+with depth, otherwise the repeats are unrolled. Sublayers return `(y, aux, cache)`; `aux`
 entries named `loss/...` are side losses summed over layers, others are statistics averaged
-over layers, and `cache` is the sublayer's updated decode cache.
+over layers. The decoder returns `(logits_BTV, aux, cache)` the same way: `cache` is the
+updated decode cache when one was passed (`init_cache`), else None.
+
+`DEFAULTS` are the decoder's own fields of config.model; each sublayer declares its own beside
+its module, and models/schema.py assembles them.
 """
 
 from __future__ import annotations
@@ -22,6 +27,38 @@ from models.layers import mla  # noqa: F401  (attention.kind='mla')
 from models.layers import mlp  # noqa: F401  (registers F)
 from models.layers import moe  # noqa: F401  (registers E)
 from models.layers import norms
+from models.layers import positions as positions_lib
+
+# The decoder's fields of config.model (the sublayers' are declared beside their modules).
+DEFAULTS = dict(
+    name='lm',
+    pattern='AF' * 4,          # one character per residual sublayer (DESIGN.md)
+    vocab_size=0,              # 0: taken from the tokenizer
+    d_model=128,
+    num_heads=4,               # heads of attention and of the mixers that have heads
+    num_kv_heads=4,
+    head_dim=0,                # 0: d_model // num_heads
+    norm='rmsnorm',            # rmsnorm | layernorm
+    norm_eps=1e-5,
+    norm_zero_centred=False,   # scale stored as w, applied as 1 + w (Gemma, Qwen3-Next)
+    norm_placement='pre',      # pre: x + op(norm(x)) | post: x + norm(op(x)) (OLMo 2/3) | sandwich (Gemma 2/3)
+    **positions_lib.DEFAULTS,  # position, rope_theta, rope_fraction, rope_interleaved, rope_scaling
+    max_len=2048,              # rows of the learned position table
+    tie_embeddings=False,
+    use_bias=False,            # every bias (attention, MLP); the sublayers' switches add them separately
+    embed_scale=1.0,           # multiplies token embeddings (Gemma: sqrt(d_model))
+    logit_softcap=0.0,         # cap * tanh(logits / cap) on the output logits (0: off)
+    bidirectional=False,       # True for diffusion objectives (objectives check it)
+    init_std=0.02,
+    scan_layers=True,          # nn.scan over the pattern's repeating unit
+    remat='none',              # none | full | save_dots | save_dots_no_batch
+    dtype='float32',           # compute dtype
+    param_dtype='float32',
+)
+# Decoder fields a resumed run may change: how a step computes, not what the parameters are.
+RESUMABLE = ('remat', 'dtype')
+# Decoder fields that only shape training or storage, which Hugging Face interop ignores.
+TRAINING_ONLY = ('name', 'scan_layers', 'param_dtype', 'init_std')
 
 POSITIONS = ('rope', 'learned', 'none')
 NORM_PLACEMENTS = ('pre', 'post', 'sandwich')
@@ -44,19 +81,17 @@ def split_pattern(pattern: str) -> tuple[str, int]:
 def sublayer_class(cfg, char: str) -> type:
   """The class serving pattern character `char` under this config (`A` is MLA when
   `attention.kind='mla'`): the registered class, or what its `select(cfg)` names."""
-  cls = models.SUBLAYERS[char]
-  select = getattr(cls, 'select', None)
-  return select(cfg) if select else cls
+  return models.SUBLAYERS[char].select(cfg)
 
 
 def validate(cfg) -> None:
-  """Checks a model config; raises ValueError with one line naming the field."""
+  """Checks a model config; raises ConfigError with one line naming the field."""
   if not cfg.pattern:
     raise errors.ConfigError('model.pattern is empty; give one character per sublayer, e.g. "AF"*4')
   unknown = sorted(set(cfg.pattern) - set(models.SUBLAYERS))
   if unknown:
     raise errors.ConfigError(f'model.pattern={cfg.pattern!r} has unknown sublayer(s) {unknown}; '
-                     f'known: {sorted(models.SUBLAYERS)}')
+                             f'known: {sorted(models.SUBLAYERS)}')
   if cfg.vocab_size <= 0:
     raise errors.ConfigError(f'model.vocab_size={cfg.vocab_size} must be positive')
   if cfg.position not in POSITIONS:
@@ -64,18 +99,23 @@ def validate(cfg) -> None:
   if cfg.norm not in norms.KINDS:
     raise errors.ConfigError(f'model.norm={cfg.norm!r} is not one of {norms.KINDS}')
   if cfg.norm_placement not in NORM_PLACEMENTS:
-    raise errors.ConfigError(f'model.norm_placement={cfg.norm_placement!r} is not one of {NORM_PLACEMENTS}')
+    raise errors.ConfigError(f'model.norm_placement={cfg.norm_placement!r} is not one of '
+                             f'{NORM_PLACEMENTS}')
   if cfg.logit_softcap < 0:
     raise errors.ConfigError(f'model.logit_softcap={cfg.logit_softcap} must be >= 0 (0: off)')
   if cfg.remat not in REMAT_POLICIES:
     raise errors.ConfigError(f'model.remat={cfg.remat!r} is not one of {sorted(REMAT_POLICIES)}')
   if not cfg.head_dim and cfg.d_model % cfg.num_heads:
     raise errors.ConfigError(f'model.d_model={cfg.d_model} is not divisible by '
-                     f'model.num_heads={cfg.num_heads}; set model.head_dim')
+                             f'model.num_heads={cfg.num_heads}; set model.head_dim')
   common.dtype_of(cfg.dtype)
   common.dtype_of(cfg.param_dtype)
   for char in sorted(set(cfg.pattern)):
-    sublayer_class(cfg, char).validate(cfg)
+    cls = sublayer_class(cfg, char)
+    if cfg.bidirectional and not cls.BIDIRECTIONAL:
+      raise errors.ConfigError(f'model.pattern={cfg.pattern!r} has {char!r} ({cls.__name__}), '
+                               'which is causal only: it cannot run with model.bidirectional=True')
+    cls.validate(cfg)
 
 
 def merge_aux(auxes: list[dict]) -> dict:
@@ -98,11 +138,12 @@ class Residual(nn.Module):
     placement = self.cfg.norm_placement
     h_BTD = x_BTD if placement == 'post' else norms.make_norm(self.cfg, 'norm')(x_BTD)
     op = sublayer_class(self.cfg, self.char)(self.cfg, name='op')
-    y_BTD, aux = op(h_BTD, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, cache=cache)
+    y_BTD, aux, cache = op(h_BTD, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
+                           cache=cache)
     if placement != 'pre':
       y_BTD = norms.make_norm(self.cfg, 'post_norm')(y_BTD)
     x_BTD = x_BTD + y_BTD.astype(x_BTD.dtype)
-    return common.constrain(x_BTD, ('batch', 'length', 'embed')), aux
+    return common.constrain(x_BTD, ('batch', 'length', 'embed')), aux, cache
 
 
 class Block(nn.Module):
@@ -115,17 +156,15 @@ class Block(nn.Module):
     auxes, new_cache = [], {}
     for i, char in enumerate(self.unit):
       name = f'{i}{char}'
-      x_BTD, aux = Residual(self.cfg, char, name=name)(
+      x_BTD, aux, new_cache[name] = Residual(self.cfg, char, name=name)(
           x_BTD, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
           cache=None if cache is None else cache[name])
-      if 'cache' in aux:
-        new_cache[name] = aux.pop('cache')
       auxes.append(aux)
     return x_BTD, (merge_aux(auxes), new_cache if cache is not None else None)
 
 
 class Decoder(nn.Module):
-  """A language model over a pattern of sublayers; returns (logits_BTV float32, aux)."""
+  """A language model over a pattern of sublayers; returns (logits_BTV float32, aux, cache)."""
   cfg: object
 
   def setup(self):
@@ -137,8 +176,9 @@ class Decoder(nn.Module):
     if cfg.remat != 'none':  # CSE could undo the remat outside a scan (jax.checkpoint docs)
       block = nn.remat(Block, policy=policy, prevent_cse=not scan)
     if scan:
-      # Every variable collection is per layer: parameters and the MoE routing biases.
-      scanned = nn.scan(block, variable_axes={'params': 0, moe.BIAS_COLLECTION: 0},
+      # Every variable collection is per layer: parameters and the sublayers' own (the MoE
+      # routing biases).
+      scanned = nn.scan(block, variable_axes={True: 0},
                         split_rngs={'params': True},
                         in_axes=(nn.broadcast, nn.broadcast, 0), length=repeats,
                         metadata_params={nn.PARTITION_NAME: 'layers'})
@@ -187,9 +227,7 @@ class Decoder(nn.Module):
     if cfg.logit_softcap:  # cap * tanh(logits / cap) (Gemma 2), float32
       logits_BTV = cfg.logit_softcap * jnp.tanh(logits_BTV / cfg.logit_softcap)
     logits_BTV = common.constrain(logits_BTV, ('batch', 'length', 'vocab'))
-    if cache is not None:
-      aux['cache'] = new_cache
-    return logits_BTV, aux
+    return logits_BTV, aux, new_cache if cache is not None else None
 
 
 def init_cache(model_config, batch: int, max_len: int):
@@ -207,6 +245,15 @@ def flops_per_token(model_config, seq_len: int) -> float:
   cfg = model_config
   total = sum(sublayer_class(cfg, c).flops_per_token(cfg, seq_len) for c in cfg.pattern)
   return float(total + 2 * cfg.d_model * cfg.vocab_size)
+
+
+def xla_counts_loops_once(model_config, seq_len: int) -> bool:
+  """Whether XLA's cost analysis of a training step counts some loop's body once, so its
+  FLOP count is low: scanned layers, or a sublayer whose `xla_counts_once` says so."""
+  cfg = model_config
+  unit, repeats = split_pattern(cfg.pattern)
+  return bool(cfg.scan_layers and repeats > 1) or any(
+      sublayer_class(cfg, c).xla_counts_once(cfg, seq_len) for c in set(cfg.pattern))
 
 
 @models.register_model('lm')

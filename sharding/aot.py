@@ -116,7 +116,7 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
 
 
 def build_step(config, devices):
-  """The training step of trainer/loop.py on a mesh over `devices`, with abstract inputs.
+  """The training step of trainer/step.py on a mesh over `devices`, with abstract inputs.
 
   Returns (jitted train step, abstract state, abstract batch, mesh, rules, info) where the
   abstract arrays are ShapeDtypeStructs carrying their shardings.
@@ -129,11 +129,12 @@ def build_step(config, devices):
 
   import models  # pylint: disable=g-import-not-at-top
   from input_pipeline import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  from models import objectives  # pylint: disable=g-import-not-at-top
   from models.hf import init_from as hf_init_from  # pylint: disable=g-import-not-at-top
   from sharding import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from sharding import rules as rules_lib  # pylint: disable=g-import-not-at-top
   from trainer import flops as flops_lib  # pylint: disable=g-import-not-at-top
-  from trainer import loop  # pylint: disable=g-import-not-at-top
+  from trainer import step as step_lib  # pylint: disable=g-import-not-at-top
 
   config = ml_collections.ConfigDict(config.to_dict())
   if config.get('init_from'):
@@ -157,19 +158,15 @@ def build_step(config, devices):
     config.model.vocab_size = vocab
   model = models.build(config.model)
   # Only the shape matters for the plan: the byte counts feed the bits-per-byte metric.
-  token_bytes_V = jnp.ones((config.model.vocab_size,), jnp.float32)
-  fns = loop.jit_functions(config, model, mesh, rules, token_bytes_V)
-  seq_len = config.data.seq_len
-  state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                       nn.meta.unbox(fns.abstract), fns.state_sharding)
-  batch = {k: jax.ShapeDtypeStruct((t.batch_size, seq_len), dt, sharding=fns.batch_sharding)
-           for k, dt in (('inputs', jnp.int32), ('targets', jnp.int32), ('positions', jnp.int32),
-                         ('segment_ids', jnp.int32), ('weights', jnp.float32))}
+  objective = objectives.build(config, objectives.Tokens(
+      bytes_V=jnp.ones((config.model.vocab_size,), jnp.float32)))
+  fns = step_lib.jit_functions(config, model, objective, mesh, rules)
   params = flops_lib.count_params(nn.meta.unbox(fns.abstract)['params'])
   info = dict(params=params['params'], tokens_per_step=fns.tokens_per_step,
               analytic_flops_per_step=fns.train_flops_per_token * fns.tokens_per_step,
               scan_layers=bool(config.model.scan_layers))
-  return fns.train_step, state, batch, mesh, rules, info
+  return (fns.train_step, fns.abstract_state(),
+          fns.abstract_batch(t.batch_size, config.data.seq_len), mesh, rules, info)
 
 
 def _tokenizer_vocab(data_config, tokenizer_lib) -> int:

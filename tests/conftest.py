@@ -12,8 +12,11 @@ jax.config.update("jax_disable_most_optimizations", True)
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
+import ml_collections  # noqa: E402
+
 from configs import common  # noqa: E402
 from configs import transformer  # noqa: E402
+from models import objectives  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope='session')
@@ -40,3 +43,9 @@ def packed_batch(rng, batch, length, vocab, num_segments=2):
   positions_T = index_T - (segment_T - 1) * cut
   return (tokens_BT, jnp.broadcast_to(positions_T, (batch, length)),
           jnp.broadcast_to(segment_T, (batch, length)).astype(jnp.int32))
+
+
+def next_token_objective(vocab, z_loss=0.0):
+  """The next-token objective with one byte per token of a `vocab`-token vocabulary."""
+  return objectives.NextToken(ml_collections.FrozenConfigDict(dict(z_loss=z_loss)),
+                              objectives.Tokens(bytes_V=jnp.ones((vocab,), jnp.float32)))

@@ -13,11 +13,15 @@ compare the JSON it writes. Tasks:
                tests/sharding_tables/<family>.json (how to regenerate the checked-in tables)
   train        train_and_evaluate in a workdir (`--workdir --mesh --steps`), for the
                reshardable-checkpoint test; also restores `--restore_step` under this mesh
+
+`--setup=module:function` runs a function first: a test that defines its own sublayer
+registers it there, and the {name: (preset, overrides)} it returns join FAMILIES.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -153,10 +157,10 @@ def one_step(config, devices, workdir, init=None):
   run_ = loop.setup(config, workdir, devices=devices)
   with jax.set_mesh(run_.mesh), nn.logical_axis_rules(run_.rules):
     if init is None:
-      state = run_.init_state(jax.random.key(config.train.seed))
+      state = run_.fns.init_state(jax.random.key(config.train.seed))
       init = jax.device_get(state)
     else:
-      state = jax.device_put(init, run_.state_sharding)
+      state = jax.device_put(init, run_.fns.state_sharding)
     batch = loop.to_global(run_, batch_for())
     compiled = run_.train_step.lower(state, batch).compile()
     new, metrics = compiled(state, batch)
@@ -165,7 +169,7 @@ def one_step(config, devices, workdir, init=None):
 
 def collectives_report(run_, hlo: str) -> dict:
   """The step's collectives with the parameters' shapes and which are sharded over fsdp."""
-  specs = flat(run_.state_sharding['params'])
+  specs = flat(run_.fns.state_sharding['params'])
   return {'collectives': collectives_of(hlo),
           'param_shapes': {k: list(v.shape) for k, v in
                            flat(loop.abstract_state(run_)['params']).items()},
@@ -200,7 +204,7 @@ def task_steps(args) -> dict:
       run_, init, new, m, hlo = one_step(config, jax.devices(), args.tmp, init=ref_init)
       params, init_p = flat(new['params']), flat(init['params'])
       update = {k: params[k] - init_p[k] for k in params}
-      specs = {k: spec_str(s) for k, s in flat(run_.state_sharding['params']).items()}
+      specs = {k: spec_str(s) for k, s in flat(run_.fns.state_sharding['params']).items()}
       res[preset] = {
           'loss': float(m['loss']), 'grad_norm': float(m['grad_norm']),
           'params': rel_diff(params, ref_params),
@@ -220,7 +224,7 @@ def task_steps(args) -> dict:
 def param_specs(family: str, corpus: str, tmp: str) -> dict:
   config = family_config(family, corpus, rules='fsdp_tp', mesh=MESHES['fsdp_tp'])
   run_ = loop.setup(config, tmp)
-  return {k: spec_str(s) for k, s in flat(run_.state_sharding['params']).items()}
+  return {k: spec_str(s) for k, s in flat(run_.fns.state_sharding['params']).items()}
 
 
 def task_tables(args) -> dict:
@@ -292,7 +296,13 @@ def main():
   parser.add_argument('--checkpoint_every', type=int, default=2)
   parser.add_argument('--restore_step', type=int, default=0)
   parser.add_argument('--fields', default='{}', help='config fields, JSON {"model.x": 1}')
+  parser.add_argument('--setup', default='',
+                      help='module:function called first, e.g. to register a sublayer a test '
+                      'defines; the families it returns join FAMILIES')
   args = parser.parse_args()
+  if args.setup:
+    module, function = args.setup.split(':')
+    FAMILIES.update(getattr(importlib.import_module(module), function)() or {})
   with tempfile.TemporaryDirectory() as tmp:
     args.tmp = tmp
     os.environ.setdefault('ARCHLAB_CACHE', os.path.join(tmp, 'cache'))

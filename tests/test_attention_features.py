@@ -231,11 +231,11 @@ def test_windowed_prefill_plus_decode_equals_full_forward(overrides):
   full_BTV = forward(model, params, tokens_BT, pos_BT, seg_BT)
   apply = jax.jit(lambda c, x, p, s: model.apply({'params': params}, x, positions_BT=p,
                                                  segment_ids_BT=s, cache=c))
-  out_BTV, aux = apply(lm.init_cache(model.cfg, b, t), tokens_BT[:, :prefill], pos_BT[:, :prefill],
+  out_BTV, _, cache = apply(lm.init_cache(model.cfg, b, t), tokens_BT[:, :prefill], pos_BT[:, :prefill],
                        seg_BT[:, :prefill])
   outs = [out_BTV]
   for i in range(prefill, t):
-    out_BTV, aux = apply(aux['cache'], tokens_BT[:, i:i + 1], pos_BT[:, i:i + 1], seg_BT[:, i:i + 1])
+    out_BTV, _, cache = apply(cache, tokens_BT[:, i:i + 1], pos_BT[:, i:i + 1], seg_BT[:, i:i + 1])
     outs.append(out_BTV)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full_BTV, atol=1e-4, rtol=1e-4)
 
@@ -275,13 +275,13 @@ def test_mla_equals_its_expanded_multi_head_form():
   out = naive_attention(q_full, k_full, v, mask, q_full.shape[-1] ** -0.5, p['sinks'])
   want = np.einsum('btnh,nhd->btd', out, p['o'])
 
-  expanded_BTD, _ = layer.apply({'params': params}, x_BTD, positions_BT=pos_BT, segment_ids_BT=seg_BT)
+  expanded_BTD, _, _ = layer.apply({'params': params}, x_BTD, positions_BT=pos_BT, segment_ids_BT=seg_BT)
   np.testing.assert_allclose(expanded_BTD, want, atol=1e-5)
   cache = mla.MLAttention.init_cache(cfg, b, t)
-  absorbed_BTD, aux = layer.apply({'params': params}, x_BTD, positions_BT=pos_BT, segment_ids_BT=seg_BT,
+  absorbed_BTD, _, cache = layer.apply({'params': params}, x_BTD, positions_BT=pos_BT, segment_ids_BT=seg_BT,
                                   cache=cache)
   np.testing.assert_allclose(absorbed_BTD, want, atol=1e-5)
-  assert aux['cache']['c_BSR'].shape == (b, t, cfg.attention.mla.kv_rank)
+  assert cache['c_BSR'].shape == (b, t, cfg.attention.mla.kv_rank)
 
 
 def deinterleave(x):
@@ -395,7 +395,7 @@ def test_norm_placement(placement):
   residual = lm.Residual(cfg, 'F')
   params = residual.init(jax.random.key(1), x_BTD, positions_BT=pos_BT, segment_ids_BT=seg_BT)['params']
   params = jax.tree.map(lambda a: a + 0.3, nn.meta.unbox(params))  # non-trivial norm scales
-  got, _ = residual.apply({'params': params}, x_BTD, positions_BT=pos_BT, segment_ids_BT=seg_BT)
+  got, _, _ = residual.apply({'params': params}, x_BTD, positions_BT=pos_BT, segment_ids_BT=seg_BT)
   op = lambda h: mlp.Mlp(cfg).apply({'params': params['op']}, h)[0]
   norm = lambda name, h: rms(h, params[name]['scale'])
   x = np.asarray(x_BTD)

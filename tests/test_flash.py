@@ -143,11 +143,11 @@ def test_flash_prefill_plus_decode_equals_full_forward():
   apply = jax.jit(lambda c, x, p, s: model.apply({'params': params}, x, positions_BT=p,
                                                  segment_ids_BT=s, cache=c))
   full_BTV = model.apply({'params': params}, tokens_BT, positions_BT=pos_BT, segment_ids_BT=seg_BT)[0]
-  out_BTV, aux = apply(lm.init_cache(model.cfg, b, t), tokens_BT[:, :prefill],
+  out_BTV, _, cache = apply(lm.init_cache(model.cfg, b, t), tokens_BT[:, :prefill],
                        pos_BT[:, :prefill], seg_BT[:, :prefill])
   outs = [out_BTV]
   for i in range(prefill, t):
-    out_BTV, aux = apply(aux['cache'], tokens_BT[:, i:i + 1], pos_BT[:, i:i + 1], seg_BT[:, i:i + 1])
+    out_BTV, _, cache = apply(cache, tokens_BT[:, i:i + 1], pos_BT[:, i:i + 1], seg_BT[:, i:i + 1])
     outs.append(out_BTV)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full_BTV, atol=1e-5, rtol=1e-5)
 

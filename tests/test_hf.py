@@ -80,7 +80,7 @@ def archlab_logits(config, params, tokens_BT, collections=None):
   model = models.build(config.model)
   b, t = tokens_BT.shape
   positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
-  logits_BTV, _ = model.apply({'params': params, **(collections or {})}, jnp.asarray(tokens_BT),
+  logits_BTV, _, _ = model.apply({'params': params, **(collections or {})}, jnp.asarray(tokens_BT),
                               positions_BT=positions_BT, segment_ids_BT=jnp.ones_like(positions_BT))
   return np.asarray(logits_BTV)
 

@@ -12,8 +12,8 @@ import pytest
 
 import models
 from models import lm
-from models import objectives
 from tests import sharding_worker
+from tests.conftest import next_token_objective
 from tests.conftest import packed_batch
 from tests.conftest import tiny_model_config
 
@@ -60,12 +60,13 @@ def loss_and_grads(config, variables):
   collections = {k: v for k, v in variables.items() if k != 'params'}
 
   def loss_fn(params):
-    return objectives.next_token(model, params, batch(), jax.random.key(0),
-                                 token_bytes_V=jnp.ones((VOCAB,), jnp.float32),
-                                 collections=collections, update_collections=bool(collections))
+    loss, _, new = next_token_objective(VOCAB)(model, params, batch(), jax.random.key(0),
+                                               collections=collections,
+                                               update_collections=bool(collections))
+    return loss, new
 
-  (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables['params'])
-  return float(loss), grads, metrics.get('collections', {})
+  (loss, new), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables['params'])
+  return float(loss), grads, new
 
 
 def max_rel(a, b):
@@ -123,8 +124,7 @@ def test_remat_policies_trade_memory_as_named():
     model = models.build(config)
 
     def loss_fn(params):
-      return objectives.next_token(model, params, batch(), None,  # pylint: disable=cell-var-from-loop
-                                   token_bytes_V=jnp.ones((VOCAB,), jnp.float32))[0]
+      return next_token_objective(VOCAB)(model, params, batch(), None)[0]  # pylint: disable=cell-var-from-loop
 
     compiled = jax.jit(jax.grad(loss_fn)).lower(variables['params']).compile()
     temp[remat] = compiled.memory_analysis().temp_size_in_bytes
@@ -140,9 +140,8 @@ def test_bfloat16_compute_gives_the_float32_loss_within_tolerance(param_dtype):
   assert {x.dtype for x in jax.tree.leaves(low_variables)} == {jnp.dtype(param_dtype)}
   variables = jax.tree.map(lambda x: x.astype(param_dtype), variables)  # the same weights
   model = models.build(low)
-  jaxpr = str(jax.make_jaxpr(lambda p: objectives.next_token(
-      model, p, batch(), None, token_bytes_V=jnp.ones((VOCAB,), jnp.float32))[0])(
-          variables['params']))
+  jaxpr = str(jax.make_jaxpr(lambda p: next_token_objective(VOCAB)(model, p, batch(), None)[0])(
+      variables['params']))
   assert 'dot_general' in jaxpr and 'bf16[' in jaxpr  # the matmuls really run in bfloat16
   loss, grads, _ = loss_and_grads(low, variables)
   assert loss != ref_loss and abs(loss - ref_loss) <= BF16_TOLERANCE * ref_loss, (loss, ref_loss)

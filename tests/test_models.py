@@ -21,7 +21,7 @@ def init_and_apply(config, tokens_BT, positions_BT, segment_ids_BT, seed=0):
   variables = model.init(jax.random.key(seed), tokens_BT, positions_BT=positions_BT,
                          segment_ids_BT=segment_ids_BT)
   params = nn.meta.unbox(variables['params'])
-  logits_BTV, aux = model.apply({'params': params}, tokens_BT, positions_BT=positions_BT,
+  logits_BTV, aux, _ = model.apply({'params': params}, tokens_BT, positions_BT=positions_BT,
                                 segment_ids_BT=segment_ids_BT)
   return model, params, logits_BTV, aux
 
@@ -42,7 +42,7 @@ def test_option_sweep_shapes_finite_and_gradients(preset, scan, position, norm, 
   assert bool(jnp.all(jnp.isfinite(logits_BTV)))
 
   def loss(p):
-    out, _ = model.apply({'params': p}, tokens_BT, positions_BT=pos_BT, segment_ids_BT=seg_BT)
+    out, _, _ = model.apply({'params': p}, tokens_BT, positions_BT=pos_BT, segment_ids_BT=seg_BT)
     return jnp.mean(jax.nn.logsumexp(out, -1) - jnp.take_along_axis(out, tokens_BT[..., None], -1)[..., 0])
 
   grads = jax.grad(loss)(params)
@@ -122,10 +122,10 @@ def test_prefill_plus_decode_equals_full_forward(preset, scan):
   apply = jax.jit(lambda c, x, p, s: model.apply({'params': params}, x, positions_BT=p,
                                                  segment_ids_BT=s, cache=c))
   prefill = 5
-  out_BTV, aux = apply(cache, tokens_BT[:, :prefill], pos_BT[:, :prefill], seg_BT[:, :prefill])
+  out_BTV, _, cache = apply(cache, tokens_BT[:, :prefill], pos_BT[:, :prefill], seg_BT[:, :prefill])
   outs = [out_BTV]
   for i in range(prefill, t):
-    out_BTV, aux = apply(aux['cache'], tokens_BT[:, i:i + 1], pos_BT[:, i:i + 1], seg_BT[:, i:i + 1])
+    out_BTV, _, cache = apply(cache, tokens_BT[:, i:i + 1], pos_BT[:, i:i + 1], seg_BT[:, i:i + 1])
     outs.append(out_BTV)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full_BTV, atol=1e-5, rtol=1e-5)
 
@@ -137,7 +137,7 @@ def test_packed_documents_do_not_see_each_other(preset, causal_block):
   model, params, packed_BTV, _ = init_and_apply(config, tokens_BT, pos_BT, seg_BT)
   for seg in (1, 2):
     cols = np.nonzero(np.asarray(seg_BT[0]) == seg)[0]
-    alone_BTV, _ = model.apply({'params': params}, tokens_BT[:, cols], positions_BT=pos_BT[:, cols],
+    alone_BTV, _, _ = model.apply({'params': params}, tokens_BT[:, cols], positions_BT=pos_BT[:, cols],
                                segment_ids_BT=jnp.ones_like(seg_BT[:, cols]))
     np.testing.assert_allclose(packed_BTV[:, cols], alone_BTV, atol=1e-5)
 
@@ -150,7 +150,7 @@ def test_scan_and_unrolled_layers_compute_the_same_function():
   blocks = flat.pop('blocks')
   for r in range(2):
     flat[f'block_{r}'] = jax.tree.map(lambda a, r=r: a[r], blocks)
-  unrolled_BTV, _ = unrolled.apply({'params': flat}, tokens_BT, positions_BT=pos_BT, segment_ids_BT=seg_BT)
+  unrolled_BTV, _, _ = unrolled.apply({'params': flat}, tokens_BT, positions_BT=pos_BT, segment_ids_BT=seg_BT)
   np.testing.assert_allclose(unrolled_BTV, scanned_BTV, atol=1e-5)
 
 
@@ -209,7 +209,7 @@ def test_family_presets_train_and_decode(preset):
   others = {k: v for k, v in variables.items() if k != 'params'}
 
   def loss(params):
-    logits_BTV, _ = model.apply({'params': params, **others}, tokens_BT, positions_BT=pos_BT,
+    logits_BTV, _, _ = model.apply({'params': params, **others}, tokens_BT, positions_BT=pos_BT,
                                 segment_ids_BT=seg_BT)
     return jnp.mean(jax.nn.logsumexp(logits_BTV, -1)), logits_BTV
 
@@ -218,11 +218,11 @@ def test_family_presets_train_and_decode(preset):
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
   cache = lm.init_cache(model.cfg, b, t)
   outs = []
-  out_BTV, aux = model.apply({**variables}, tokens_BT[:, :4], positions_BT=pos_BT[:, :4],
+  out_BTV, _, cache = model.apply({**variables}, tokens_BT[:, :4], positions_BT=pos_BT[:, :4],
                              segment_ids_BT=seg_BT[:, :4], cache=cache)
   outs.append(out_BTV)
   for i in range(4, t):
-    out_BTV, aux = model.apply({**variables}, tokens_BT[:, i:i + 1], positions_BT=pos_BT[:, i:i + 1],
-                               segment_ids_BT=seg_BT[:, i:i + 1], cache=aux['cache'])
+    out_BTV, _, cache = model.apply({**variables}, tokens_BT[:, i:i + 1], positions_BT=pos_BT[:, i:i + 1],
+                               segment_ids_BT=seg_BT[:, i:i + 1], cache=cache)
     outs.append(out_BTV)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full_BTV, atol=1e-5, rtol=1e-5)

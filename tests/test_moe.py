@@ -145,7 +145,7 @@ def test_dispatch_equals_every_expert_reference(case):
   # capacity_factor E/k gives every expert room for every token: nothing drops.
   for dispatch, factor in (('dropless', 1.0), ('dense', 1.0), ('capacity', m.num_experts / m.num_experts_per_tok)):
     run_cfg = moe_config(**CASES[case], **{'moe.dispatch': dispatch, 'moe.capacity_factor': factor})
-    y_BTD, aux = moe.Moe(run_cfg).apply(variables, x_BTD, segment_ids_BT=seg_BT)
+    y_BTD, aux, _ = moe.Moe(run_cfg).apply(variables, x_BTD, segment_ids_BT=seg_BT)
     np.testing.assert_allclose(np.asarray(y_BTD).reshape(-1, D), expected_TD, atol=1e-5, rtol=1e-5,
                                err_msg=dispatch)
     assert float(aux['moe/dropped_fraction']) == 0.0
@@ -166,12 +166,12 @@ def test_capacity_drops_exactly_the_overflow_when_one_expert_takes_everything(gr
   fits_T = np.arange(24) < 6 if group == 'batch' else np.arange(24) % 12 < 3
   slots = moe.capacity(cfg.moe, 24 if group == 'batch' else 12)
   assert slots == {'batch': math.ceil(1.0 * 24 * 1 / 4), 'row': math.ceil(1.0 * 12 * 1 / 4)}[group]
-  y_BTD, aux = layer.apply(variables, x_BTD, segment_ids_BT=seg_BT)
+  y_BTD, aux, _ = layer.apply(variables, x_BTD, segment_ids_BT=seg_BT)
   assert float(aux['moe/dropped_fraction']) == pytest.approx((21 - fits_T.sum()) / 21)
   np.testing.assert_allclose(aux['moe/load_E'], [1.0, 0.0, 0.0, 0.0])
   assert float(aux['moe/max_load']) == pytest.approx(4.0)
   dropless = moe_config(**{'moe.num_experts': 4, 'moe.num_experts_per_tok': 1})
-  full_BTD, _ = moe.Moe(dropless).apply(variables, x_BTD, segment_ids_BT=seg_BT)
+  full_BTD, _, _ = moe.Moe(dropless).apply(variables, x_BTD, segment_ids_BT=seg_BT)
   y_TD, full_TD = np.asarray(y_BTD).reshape(-1, D), np.asarray(full_BTD).reshape(-1, D)
   np.testing.assert_allclose(y_TD[fits_T], full_TD[fits_T], atol=1e-6)  # the first tokens fit
   valid_T = np.asarray(seg_BT).reshape(-1) != 0
@@ -198,7 +198,7 @@ def test_capacity_keeps_each_experts_first_slots_first_choices_first(group):
         used[e] += 1
   dropped = np.sum(~keep_TX[valid_T])
   assert dropped > 0
-  y_BTD, aux = layer.apply(variables, x_BTD, segment_ids_BT=seg_BT)
+  y_BTD, aux, _ = layer.apply(variables, x_BTD, segment_ids_BT=seg_BT)
   expected_TD = combine(top_TX, weights_TX, out_ETD, keep_TX) + shared_TD
   np.testing.assert_allclose(np.asarray(y_BTD).reshape(-1, D), expected_TD, atol=1e-5, rtol=1e-5)
   assert float(aux['moe/dropped_fraction']) == pytest.approx(dropped / (2 * valid_T.sum()))
@@ -210,10 +210,10 @@ def test_row_capacity_does_not_depend_on_the_other_rows():
   cfg = moe_config(**{'moe.dispatch': 'capacity', 'moe.capacity_factor': 0.5,
                       'moe.capacity_group': 'row'})
   layer, variables = init_layer(cfg, x_BTD, seg_BT, seed=7)
-  y_BTD, aux = layer.apply(variables, x_BTD, segment_ids_BT=seg_BT)
+  y_BTD, aux, _ = layer.apply(variables, x_BTD, segment_ids_BT=seg_BT)
   assert float(aux['moe/dropped_fraction']) > 0
   for i in range(3):
-    alone_BTD, _ = layer.apply(variables, x_BTD[i:i + 1], segment_ids_BT=seg_BT[i:i + 1])
+    alone_BTD, _, _ = layer.apply(variables, x_BTD[i:i + 1], segment_ids_BT=seg_BT[i:i + 1])
     np.testing.assert_allclose(y_BTD[i], alone_BTD[0], atol=1e-6, err_msg=f'row {i}')
 
 
@@ -229,7 +229,7 @@ def test_bias_update_moves_loads_toward_balance_on_a_skewed_router():
   @jax.jit
   def steps(bias):
     def body(b, _):
-      (_, aux), new = layer.apply({**variables, 'moe_bias': b}, x_BTD, segment_ids_BT=seg_BT,
+      (_, aux, _), new = layer.apply({**variables, 'moe_bias': b}, x_BTD, segment_ids_BT=seg_BT,
                                   mutable=['moe_bias'])
       return new['moe_bias'], (aux['moe/load_E'], b['bias'])
     return jax.lax.scan(body, bias, None, length=80)
@@ -241,7 +241,7 @@ def test_bias_update_moves_loads_toward_balance_on_a_skewed_router():
   assert load_SE[0].max() > 0.5 and load_SE[0].argmax() == 0
   assert load_SE[-10:].max() < 0.35, load_SE[-10:]
   # Read-only (evaluation, decoding): the bias routes but does not move.
-  (_, aux), new = layer.apply({**variables, 'moe_bias': {'bias': bias_SE[-1]}}, x_BTD,
+  (_, aux, _), new = layer.apply({**variables, 'moe_bias': {'bias': bias_SE[-1]}}, x_BTD,
                               segment_ids_BT=seg_BT, mutable=[])
   assert not new and float(aux['moe/max_load']) < 1.4
 
@@ -267,7 +267,7 @@ def test_aux_and_z_losses_equal_hand_computed_values(router, aux_value):
   x_BTD = jnp.eye(4, D)[None]
   variables = nn.meta.unbox(layer.init(jax.random.key(0), x_BTD))
   variables['params']['router'] = jnp.zeros((D, 2)).at[:4].set(logits_TE)
-  _, aux = layer.apply(variables, x_BTD, segment_ids_BT=jnp.array([[1, 1, 2, 0]]))
+  _, aux, _ = layer.apply(variables, x_BTD, segment_ids_BT=jnp.array([[1, 1, 2, 0]]))
   assert float(aux['loss/moe_aux']) == pytest.approx(0.01 * aux_value, rel=1e-5)
   assert float(aux['loss/moe_router_z']) == pytest.approx(0.001 * math.log(4) ** 2, rel=1e-5)
 
@@ -331,14 +331,14 @@ def test_prefill_plus_decode_equals_full_forward():
   variables = nn.meta.unbox(model.init(jax.random.key(0), tokens_BT, positions_BT=pos_BT,
                                        segment_ids_BT=seg_BT))
   variables['moe_bias'] = jax.tree.map(lambda a: a + jnp.arange(4) * 0.01, variables['moe_bias'])
-  full_BTV, _ = jax.jit(model.apply)(variables, tokens_BT, positions_BT=pos_BT,
+  full_BTV, _, _ = jax.jit(model.apply)(variables, tokens_BT, positions_BT=pos_BT,
                                      segment_ids_BT=seg_BT)
   apply = jax.jit(lambda c, x, p, s: model.apply(variables, x, positions_BT=p, segment_ids_BT=s,
                                                  cache=c))
-  out_BTV, aux = apply(lm.init_cache(model.cfg, b, t), tokens_BT[:, :4], pos_BT[:, :4], seg_BT[:, :4])
+  out_BTV, _, cache = apply(lm.init_cache(model.cfg, b, t), tokens_BT[:, :4], pos_BT[:, :4], seg_BT[:, :4])
   outs = [out_BTV]
   for i in range(4, t):
-    out_BTV, aux = apply(aux['cache'], tokens_BT[:, i:i + 1], pos_BT[:, i:i + 1], seg_BT[:, i:i + 1])
+    out_BTV, _, cache = apply(cache, tokens_BT[:, i:i + 1], pos_BT[:, i:i + 1], seg_BT[:, i:i + 1])
     outs.append(out_BTV)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full_BTV, atol=1e-5, rtol=1e-5)
 

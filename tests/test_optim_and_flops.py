@@ -10,10 +10,10 @@ import pytest
 import models
 from configs import common
 from configs import transformer
-from models import objectives
 from trainer import flops
-from trainer import loop
 from trainer import optim
+from trainer import step as step_lib
+from tests.conftest import next_token_objective
 
 
 def optim_config(**kw):
@@ -60,16 +60,16 @@ def test_decay_mask_skips_norms_biases_and_embeddings():
 
 def test_budget_in_steps_tokens_or_flops():
   train = ml_collections.ConfigDict(dict(steps=7, tokens=0, flops=0.0))
-  assert loop.total_steps_for(train, 100, 10.0) == 7
+  assert step_lib.total_steps_for(train, 100, 10.0) == 7
   train.tokens = 1050
-  assert loop.total_steps_for(train, 100, 10.0) == 11
+  assert step_lib.total_steps_for(train, 100, 10.0) == 11
   train.tokens, train.flops = 0, 10.0 * 100 * 30
-  assert loop.total_steps_for(train, 100, 10.0) == 30
+  assert step_lib.total_steps_for(train, 100, 10.0) == 30
   train.tokens = 5
   with pytest.raises(ValueError, match='give one budget'):
-    loop.total_steps_for(train, 100, 10.0)
+    step_lib.total_steps_for(train, 100, 10.0)
   with pytest.raises(ValueError, match='no budget'):
-    loop.total_steps_for(ml_collections.ConfigDict(dict(steps=0, tokens=0, flops=0.0)), 100, 10.0)
+    step_lib.total_steps_for(ml_collections.ConfigDict(dict(steps=0, tokens=0, flops=0.0)), 100, 10.0)
 
 
 @pytest.mark.parametrize('preset', ['gpt2_small', 'llama_small'])
@@ -82,9 +82,9 @@ def test_analytic_flops_within_15_percent_of_xla(preset):
   config.train.batch_size = 2
   model = models.build(config.model)
   tx, schedule = optim.make_optimizer(config.optim, 10)
-  step, _ = loop.make_step_fns(model, tx, schedule, objectives.get_objective('next_token'),
-                               config, jnp.ones(260))
-  state = jax.eval_shape(lambda r: nn.meta.unbox(loop.make_init_fn(model, tx, 8)(r)), jax.random.key(0))
+  step, _ = step_lib.make_step_fns(model, tx, schedule, next_token_objective(260), config.train)
+  state = jax.eval_shape(lambda r: nn.meta.unbox(step_lib.make_init_fn(model, tx, 8)(r)),
+                         jax.random.key(0))
   shape = (2, config.data.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == 'weights' else jnp.int32)
            for k in ('inputs', 'targets', 'positions', 'segment_ids', 'weights')}
@@ -110,7 +110,7 @@ def test_gradient_accumulation_equals_one_big_batch():
   config.model = tiny_model_config()
   model = models.build(config.model)
   tx, schedule = optim.make_optimizer(config.optim, 10)
-  init = loop.make_init_fn(model, tx, 16)
+  init = step_lib.make_init_fn(model, tx, 16)
   state = jax.jit(lambda r: nn.meta.unbox(init(r)))(jax.random.key(0))
   tokens_BT, pos_BT, seg_BT = packed_batch(jax.random.key(1), 4, 16, 260)
   batch = {'inputs': tokens_BT, 'targets': jnp.roll(tokens_BT, -1, 1), 'positions': pos_BT,
@@ -118,8 +118,7 @@ def test_gradient_accumulation_equals_one_big_batch():
   results = []
   for accum in (1, 2):
     config.train.grad_accum = accum
-    step, _ = loop.make_step_fns(model, tx, schedule, objectives.get_objective('next_token'),
-                                 config, jnp.ones(260))
+    step, _ = step_lib.make_step_fns(model, tx, schedule, next_token_objective(260), config.train)
     results.append(jax.jit(step)(state, batch))
   (one, m1), (two, m2) = results
   assert float(m1['loss']) == pytest.approx(float(m2['loss']), rel=1e-5)

@@ -14,7 +14,7 @@ import pytest
 
 from sharding import rules
 from tests import sharding_worker
-from trainer import loop
+from trainer import step as step_lib
 
 FAMILIES = sorted(sharding_worker.FAMILIES)
 MOE = ('gpt_oss', 'deepseek_v3', 'deepseek_v3_dropless')
@@ -144,11 +144,11 @@ def test_a_layout_the_mesh_cannot_hold_is_one_line():
   state_sharding = {'params': {'k': sharding('fsdp', 'tensor', None)}}
   with pytest.raises(ValueError, match=r'^params/k \(32, 2, 8\): dimension 1 \(2\) does not '
                      r'divide by mesh axes tensor = 4; change config.mesh'):
-    loop.check_divisible(state_sharding, abstract, mesh, batch_size=8)
+    step_lib.check_divisible(state_sharding, abstract, mesh, batch_size=8)
   with pytest.raises(ValueError, match='train.batch_size=5 does not divide by the batch mesh '
                      'axes data x fsdp x expert = 2'):
-    loop.check_divisible({}, {}, mesh, batch_size=5)
-  loop.check_divisible({'params': {'k': sharding('fsdp', None, None)}}, abstract, mesh, 8)
+    step_lib.check_divisible({}, {}, mesh, batch_size=5)
+  step_lib.check_divisible({'params': {'k': sharding('fsdp', None, None)}}, abstract, mesh, 8)
 
 
 @pytest.mark.parametrize('family', ['deepseek_v3', 'deepseek_v3_dropless'])

@@ -58,7 +58,7 @@ def test_torch_decoder_logits_match_archlab(tie, scan, kv_heads):
   rng = np.random.default_rng(1)
   tokens_BT = rng.integers(0, cfg.vocab_size, (2, 16))
   positions_BT = np.broadcast_to(np.arange(16), (2, 16))
-  logits_BTV, _ = model.apply({'params': params}, jnp.asarray(tokens_BT),
+  logits_BTV, _, _ = model.apply({'params': params}, jnp.asarray(tokens_BT),
                               positions_BT=jnp.asarray(positions_BT),
                               segment_ids_BT=jnp.ones((2, 16), jnp.int32))
   torch_model = vs_torch.TorchDecoder(model.cfg)
@@ -106,7 +106,7 @@ def test_training_steps_match_archlab(tmp_path):
   batches = [vs_torch.one_document_rows(next(run.data.train_iter)) for _ in range(2)]
   _, schedule = optim.make_optimizer(config.optim, run.total_steps)
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
-    state = run.init_state(jax.random.key(0))
+    state = run.fns.init_state(jax.random.key(0))
     torch_model = vs_torch.TorchDecoder(run.model.cfg)
     vs_torch.copy_params(torch_model, state['params'], run.model.cfg)
     opt, sched = vs_torch.make_torch_optimizer(torch_model, config.optim, schedule, run.total_steps)

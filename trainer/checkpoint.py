@@ -14,6 +14,7 @@ import os
 import orbax.checkpoint as ocp
 
 import errors
+from models import schema
 
 
 class ConfigMismatchError(errors.CheckpointError):
@@ -34,15 +35,17 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict, model_
       config=ocp.args.JsonSave(model_config)))
 
 
-def check_config(mngr: ocp.CheckpointManager, workdir: str, model_config: dict) -> int | None:
-  """Returns the latest step, after checking it was written for `model_config`."""
+def check_config(mngr: ocp.CheckpointManager, workdir: str, model_config: dict,
+                 skip=()) -> int | None:
+  """Returns the latest step, after checking it was written for `model_config`: the model
+  fields must mean the same (`models.schema.diff`), except those under `skip`."""
   step = mngr.latest_step()
   if step is None:
     return None
   saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
-  diffs = _diff(saved, json.loads(json.dumps(model_config)), 'model')
+  diffs = schema.diff(saved, json.loads(json.dumps(model_config)), skip=skip)
   if diffs:
-    shown = '; '.join(f'{k}: {a!r} in the checkpoint, {b!r} now' for k, a, b in diffs[:3])
+    shown = '; '.join(f'model.{k}: {a!r} in the checkpoint, {b!r} now' for k, a, b in diffs[:3])
     raise ConfigMismatchError(
         f'workdir {workdir} holds a checkpoint (step {step}) of a different model config '
         f'({shown}); nothing was written: use a new --workdir, or delete '
@@ -54,12 +57,3 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
   return restored['state'], restored['data']
-
-
-def _diff(a, b, prefix):
-  if isinstance(a, dict) and isinstance(b, dict):
-    out = []
-    for key in sorted(set(a) | set(b)):
-      out += _diff(a.get(key), b.get(key), f'{prefix}.{key}')
-    return out
-  return [] if a == b else [(prefix, a, b)]

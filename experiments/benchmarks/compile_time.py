@@ -16,7 +16,6 @@ from absl import app
 from absl import flags
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from configs import transformer
 from models import lm
@@ -36,12 +35,8 @@ def compile_seconds(repeats: int, scan: bool) -> float:
   config.train.batch_size = 8
   run = loop.setup(config, workdir=None)
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
-    state = nn.meta.unbox(jax.eval_shape(run.init_state, jax.random.key(0)))
-    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                         state, run.state_sharding)
-    batch = {k: jax.ShapeDtypeStruct((8, config.data.seq_len), jnp.float32 if k == 'weights'
-                                     else jnp.int32, sharding=run.batch_sharding)
-             for k in ('inputs', 'targets', 'positions', 'segment_ids', 'weights')}
+    state = run.fns.abstract_state()
+    batch = run.fns.abstract_batch(8, config.data.seq_len)
     start = time.perf_counter()
     run.train_step.lower(state, batch).compile()
   return time.perf_counter() - start

@@ -33,7 +33,7 @@ def measure(config) -> dict:
   """Times `--steps` training steps; returns tokens/s, MFU and the peak used."""
   run = loop.setup(config, workdir=None)
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
-    state = run.init_state(jax.random.key(0))
+    state = run.fns.init_state(jax.random.key(0))
     batches = [loop.to_global(run, next(run.data.train_iter)) for _ in range(2)]
     for batch in batches:  # compile and warm up
       state, metrics = run.train_step(state, batch)

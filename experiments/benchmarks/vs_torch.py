@@ -298,7 +298,7 @@ def measure_seq_len(config, *, repeats: int, steps: int, use_compile: bool,
 
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
     batches_jax = [loop.to_global(run, b) for b in batches_np]
-    state = run.init_state(jax.random.key(t.seed))
+    state = run.fns.init_state(jax.random.key(t.seed))
 
     def make_torch():
       model = TorchDecoder(cfg)

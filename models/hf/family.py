@@ -23,20 +23,9 @@ import numpy as np
 
 import errors
 from configs import common as configs_common
+from models import schema
 
 Path = tuple  # a logical archlab parameter path (see the module docstring)
-
-# Model fields that change how a step computes or how parameters are stored, not the function
-# the parameters compute: they are kept from the caller's config and never compared. (The MoE
-# side-loss weights are training choices: a family may translate them, but they never refuse.
-# So are the MoE dispatch, which only decides which tokens a training step may drop (an
-# exported model routes every token, as transformers does), and the aux-loss-free bias
-# update, whose trained bias export folds into `moe.correction_bias`: interop.fold_routing_bias.)
-RUNTIME_FIELDS = ('name', 'scan_layers', 'remat', 'dtype', 'param_dtype', 'init_std',
-                  'attention.impl', 'attention.causal_block', 'moe.aux_loss_weight',
-                  'moe.router_z_loss_weight', 'moe.dispatch', 'moe.capacity_factor',
-                  'moe.capacity_group', 'moe.bias_update_rate')
-
 
 class UnsupportedError(errors.ConfigError):
   """A checkpoint or config archlab cannot translate; the message is one line."""
@@ -223,24 +212,13 @@ get_field = configs_common.get_field
 set_field = configs_common.set_field
 
 
-def leaves(node, prefix: str = '') -> dict[str, Any]:
-  """{'a.b': value} for every leaf of a (Frozen)ConfigDict or dict."""
-  out = {}
-  for key in node.keys():
-    value = node[key]
-    name = f'{prefix}{key}'
-    if hasattr(value, 'keys'):
-      out.update(leaves(value, name + '.'))
-    else:
-      out[name] = value
-  return out
-
-
 def model_config(fields: dict, runtime_from=None):
-  """`configs.common.model_defaults()` with `fields` set; runtime fields from `runtime_from`."""
+  """`configs.common.model_defaults()` with `fields` set; the fields interop ignores
+  (`schema.interop_ignored_fields`: dtype, scan_layers, side-loss weights, ...) come from
+  `runtime_from`."""
   cfg = configs_common.model_defaults()
   if runtime_from is not None:
-    for name in RUNTIME_FIELDS:
+    for name in schema.interop_ignored_fields():
       try:
         set_field(cfg, name, get_field(runtime_from, name))
       except KeyError:
@@ -249,55 +227,16 @@ def model_config(fields: dict, runtime_from=None):
     try:
       get_field(cfg, name)
     except KeyError:
-      raise errors.ConfigError(f'model.{name} is not a field of configs/common.py:model_defaults') from None
+      raise errors.ConfigError(f'model.{name} is not a field of the model config '
+                               '(models/schema.py)') from None
     set_field(cfg, name, value)
   return cfg
 
 
 def architecture_diff(ours, theirs) -> list[tuple[str, Any, Any]]:
-  """(field, ours, theirs) for each model field that changes the function or the parameters.
-
-  Runtime fields are skipped, and `max_len` unless positions are learned (it only sizes the
-  learned table).
-  """
-  a, b = _canonical(leaves(ours)), _canonical(leaves(theirs))
-  skip = set(RUNTIME_FIELDS)
-  if a.get('position') != 'learned' and b.get('position') != 'learned':
-    skip.add('max_len')
-  diffs = []
-  for name in list(a) + [n for n in b if n not in a]:  # in the order of configs/common.py
-    if name in skip:
-      continue
-    x, y = a.get(name), b.get(name)
-    if isinstance(x, float) or isinstance(y, float):
-      same = x is not None and y is not None and float(x) == float(y)
-    else:
-      same = x == y
-    if not same:
-      diffs.append((name, x, y))
-  return diffs
-
-
-def _canonical(fields: dict) -> dict:
-  """Equivalent spellings made equal: head_dim 0 is d_model // num_heads, moe.expert_mlp_dim
-  0 is mlp_dim, attention.window without `W` sublayers and moe.* without `E` sublayers are
-  unused, and in a model of `A` and `F` sublayers use_bias=True is attention.qkv_bias =
-  attention.o_bias = mlp_bias = True (where the config has those switches).
-  """
-  if not fields.get('head_dim') and fields.get('num_heads'):
-    fields = dict(fields, head_dim=fields['d_model'] // fields['num_heads'])
-  if 'moe.expert_mlp_dim' in fields and not fields['moe.expert_mlp_dim']:
-    fields = dict(fields, **{'moe.expert_mlp_dim': fields['mlp_dim']})
-  pattern = fields.get('pattern', '')
-  if 'W' not in pattern:  # the window only shapes W sublayers, the moe fields E sublayers
-    fields = {k: v for k, v in fields.items() if k != 'attention.window'}
-  if 'E' not in pattern:
-    fields = {k: v for k, v in fields.items() if not k.startswith('moe.')}
-  switches = ('attention.qkv_bias', 'attention.o_bias', 'mlp_bias')
-  if fields.get('use_bias') and all(s in fields for s in switches) and set(
-      fields.get('pattern', '')) <= set('AF'):
-    fields = dict(fields, use_bias=False, **{s: True for s in switches})
-  return fields
+  """(field, ours, theirs) for each model field that changes the function or the parameters:
+  `models.schema.diff` without the fields interop ignores (`schema.interop_ignored_fields`)."""
+  return schema.diff(ours, theirs, skip=schema.interop_ignored_fields())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,12 +22,38 @@ import jax.numpy as jnp
 
 import errors
 import models
+from models import sublayer
 from models.layers import common
 from models.layers import flash
 from models.layers import norms
 from models.layers import positions as positions_lib
 
 IMPLS = ('xla', 'flash', 'dot_product', 'cudnn', 'auto')
+# The `attention` section of config.model, read by every attention kind (`A`, `W`, MLA).
+DEFAULTS = dict(attention=dict(
+    kind='mha',            # mha (MHA/GQA/MQA by num_kv_heads) | mla (DeepSeek, see mla below)
+    impl='auto',           # auto | xla (reference) | flash (blocked) | dot_product (jax.nn) | cudnn (GPU)
+    softmax_scale=0.0,     # 0: 1/sqrt(head_dim)
+    causal_block=128,      # query block rows; skips fully masked key blocks (0: off)
+    window=0,              # W sublayers: a query sees keys fewer than window positions back
+    qk_norm='none',        # none | head (RMSNorm per head, Qwen3) | full (whole q/k width, OLMo 2/3)
+    qkv_bias=False,        # biases on q, k, v (Qwen2)
+    o_bias=False,          # bias on the output projection
+    output_gate='none',    # none | headwise | elementwise: sigmoid(x W_gate) * attention (Qwen3-Next)
+    sinks=False,           # a learned logit per head in the softmax denominator (GPT-OSS)
+    mla=dict(              # kind='mla': multi-head latent attention (models/layers/mla.py)
+        q_rank=0,          # query bottleneck rank (0: full-rank queries)
+        kv_rank=64,        # shared key/value latent
+        nope_head_dim=32,  # per-head key/query features without RoPE
+        rope_head_dim=16,  # RoPE features (the key's shared by all heads)
+        v_head_dim=32,
+        norm_eps=0.0,      # eps of the latent RMSNorms (0: model.norm_eps; DeepSeek: 1e-6)
+    ),
+))
+# How attention is computed, not what: a resumed run may change these.
+RESUMABLE = ('attention.impl', 'attention.causal_block')
+# What model.use_bias=True turns on in every attention kind.
+BIAS_SWITCHES = ('attention.qkv_bias', 'attention.o_bias')
 QK_NORMS = ('none', 'head', 'full')
 OUTPUT_GATES = ('none', 'headwise', 'elementwise')
 # attention.kind -> (global class, windowed class); filled by `register_kind`.
@@ -272,11 +298,20 @@ def score_length(cls, cfg, seq_len: int) -> int:
   return min(seq_len, cfg.attention.window) if cls.windowed else seq_len
 
 
-@models.register_sublayer('A')
-class Attention(nn.Module):
-  """Global softmax attention over the row (causal unless the model is bidirectional)."""
-  cfg: object  # FrozenConfigDict of config.model
+def counts_once(cfg, head_dims: tuple[int, ...], seq_len: int) -> bool:
+  """Whether a training step's attention runs as flash's block loops, which XLA's cost
+  analysis counts once (`Sublayer.xla_counts_once`)."""
+  rows = 0 if cfg.bidirectional else seq_len
+  return resolve_impl(cfg, head_dims, causal_rows=rows) == 'flash'
+
+
+class AttentionBase(sublayer.Sublayer):
+  """What every attention kind shares: its config section, the kind registry (`select`),
+  the window and the protocol's declarations. `windowed` classes serve `W`."""
   windowed: ClassVar[bool] = False
+  DEFAULTS = DEFAULTS
+  RESUMABLE = RESUMABLE
+  BIAS_SWITCHES = BIAS_SWITCHES
 
   @classmethod
   def select(cls, cfg) -> type:
@@ -287,8 +322,18 @@ class Attention(nn.Module):
     return KINDS[kind][cls.windowed]
 
   @classmethod
+  def variants(cls) -> tuple[type, ...]:
+    return tuple(pair[cls.windowed] for pair in KINDS.values())
+
+  @classmethod
   def window(cls, cfg) -> int:
     return cfg.attention.window if cls.windowed else 0
+
+
+@models.register_sublayer('A')
+class Attention(AttentionBase):
+  """Global softmax attention over the row (causal unless the model is bidirectional)."""
+  IGNORES = ('attention.window', 'attention.mla')
 
   @classmethod
   def validate(cls, cfg):
@@ -317,6 +362,10 @@ class Attention(nn.Module):
     gate = {'none': 0, 'headwise': 2 * d * n, 'elementwise': 2 * d * n * h}[cfg.attention.output_gate]
     scores = 4 * score_length(cls, cfg, seq_len) * n * h
     return float(projections + gate + scores)
+
+  @classmethod
+  def xla_counts_once(cls, cfg, seq_len: int) -> bool:
+    return counts_once(cfg, (head_dim(cfg),), seq_len)
 
   @classmethod
   def init_cache(cls, cfg, batch: int, max_len: int):
@@ -367,14 +416,13 @@ class Attention(nn.Module):
       rope = positions_lib.rope_from_config(cfg, h)
       q_BTNH, k_BTKH = rope(q_BTNH, positions_BT), rope(k_BTKH, positions_BT)
 
-    aux = {}
     if cache is None:
       k_BSKH, v_BSKH, k_pos_BS, k_seg_BS = k_BTKH, v_BTKH, positions_BT, segment_ids_BT
     else:
-      aux['cache'] = new = update_cache(
-          cache, {'k_BSKH': k_BTKH, 'v_BSKH': v_BTKH, 'pos_BS': positions_BT,
-                  'seg_BS': segment_ids_BT}, x_BTD.shape[1])
-      k_BSKH, v_BSKH, k_pos_BS, k_seg_BS = new['k_BSKH'], new['v_BSKH'], new['pos_BS'], new['seg_BS']
+      cache = update_cache(cache, {'k_BSKH': k_BTKH, 'v_BSKH': v_BTKH, 'pos_BS': positions_BT,
+                                   'seg_BS': segment_ids_BT}, x_BTD.shape[1])
+      k_BSKH, v_BSKH = cache['k_BSKH'], cache['v_BSKH']
+      k_pos_BS, k_seg_BS = cache['pos_BS'], cache['seg_BS']
 
     sinks_N = None
     if cfg.attention.sinks:
@@ -388,13 +436,14 @@ class Attention(nn.Module):
     y_BTD = common.project(out_BTNH, proj('o', (n, h, d), ('heads', 'head_dim', 'embed'), out_std), 2)
     if o_bias(cfg):
       y_BTD += bias('o_bias', (d,), ('embed',))
-    return y_BTD, aux
+    return y_BTD, {}, cache
 
 
 @models.register_sublayer('W')
 class SlidingAttention(Attention):
   """Sliding-window attention: each query sees the last `attention.window` positions."""
   windowed: ClassVar[bool] = True
+  IGNORES = ('attention.mla',)
 
 
 register_kind('mha', Attention, SlidingAttention)

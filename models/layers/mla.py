@@ -48,14 +48,9 @@ def softmax_scale(cfg) -> float:
   return scale
 
 
-class MLAttention(nn.Module):
+class MLAttention(attention.AttentionBase):
   """MLA over the row (global); `SlidingMLAttention` is its windowed form."""
-  cfg: object
-  windowed: ClassVar[bool] = False
-
-  @classmethod
-  def window(cls, cfg) -> int:
-    return cfg.attention.window if cls.windowed else 0
+  IGNORES = ('attention.window',)
 
   @classmethod
   def validate(cls, cfg):
@@ -94,6 +89,11 @@ class MLAttention(nn.Module):
     gate = {'none': 0, 'headwise': 2 * d * n, 'elementwise': 2 * d * n * hv}[cfg.attention.output_gate]
     s = attention.score_length(cls, cfg, seq_len)
     return float(q + kv + o + gate + 2 * s * n * (nope + rope) + 2 * s * n * hv)
+
+  @classmethod
+  def xla_counts_once(cls, cfg, seq_len: int) -> bool:
+    _, _, nope, rope, hv = dims(cfg)
+    return attention.counts_once(cfg, (nope + rope, hv), seq_len)
 
   @classmethod
   def init_cache(cls, cfg, batch: int, max_len: int):
@@ -154,7 +154,6 @@ class MLAttention(nn.Module):
       sinks_N = self.param('sinks', common.zeros_init(('heads',)), (n,), pdtype)
     shared = dict(scale=softmax_scale(cfg), window=self.window(cfg), sinks_N=sinks_N)
 
-    aux = {}
     if cache is None:  # expanded form: per-head keys and values
       k_nope_BTNH = common.project(c_BTR, w_k_RNH)
       k_BTNH = jnp.concatenate(
@@ -167,7 +166,7 @@ class MLAttention(nn.Module):
                                   q_seg_BT=segment_ids_BT, k_pos_BS=positions_BT,
                                   k_seg_BS=segment_ids_BT, blocked=True, **shared)
     else:  # absorbed form over the latent cache: MQA with [c, k_rope] keys and c values
-      aux['cache'] = new = attention.update_cache(
+      cache = new = attention.update_cache(
           cache, {'c_BSR': c_BTR, 'k_rope_BSH': k_rope_BTH, 'pos_BS': positions_BT,
                   'seg_BS': segment_ids_BT}, x_BTD.shape[1])
       q_lat_BTNR = jnp.einsum('BTNH,RNH->BTNR', q_nope_BTNH, w_k_RNH)
@@ -184,12 +183,13 @@ class MLAttention(nn.Module):
     y_BTD = common.project(out_BTNH, w_o, 2)
     if attention.o_bias(cfg):
       y_BTD += self.param('o_bias', common.zeros_init(('embed',)), (d,), pdtype).astype(dtype)
-    return y_BTD, aux
+    return y_BTD, {}, cache
 
 
 class SlidingMLAttention(MLAttention):
   """MLA over the last `attention.window` positions (`W` with `attention.kind='mla'`)."""
   windowed: ClassVar[bool] = True
+  IGNORES = ()
 
 
 attention.register_kind('mla', MLAttention, SlidingMLAttention)

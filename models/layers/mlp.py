@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 import errors
 import models
+from models import sublayer
 from models.layers import common
 
 ACTIVATIONS = {
@@ -42,9 +43,17 @@ def activation(cfg):
 
 
 @models.register_sublayer('F')
-class Mlp(nn.Module):
+class Mlp(sublayer.Sublayer):
   """y = W_out act(W_in x) or, gated, y = W_out (act(W_gate x) * W_up x)."""
-  cfg: object
+  # Its fields of config.model (the MoE sublayer reads them too).
+  DEFAULTS = dict(
+      mlp_dim=512,
+      mlp_activation='swiglu',   # swiglu | geglu | swiglu_clamped | gelu | gelu_exact | relu | relu2 | silu
+      swiglu_limit=7.0,          # swiglu_clamped (GPT-OSS): gate <= limit, |up| <= limit,
+      swiglu_alpha=1.702,        #   out = (up + 1) * gate * sigmoid(alpha * gate)
+      mlp_bias=False,            # biases on the MLP's projections
+  )
+  BIAS_SWITCHES = ('mlp_bias',)
 
   @classmethod
   def validate(cls, cfg):
@@ -61,11 +70,6 @@ class Mlp(nn.Module):
     del seq_len
     matrices = 3 if cfg.mlp_activation in GATED else 2
     return float(2 * matrices * cfg.d_model * cfg.mlp_dim)
-
-  @classmethod
-  def init_cache(cls, cfg, batch: int, max_len: int):
-    del cfg, batch, max_len
-    return {}
 
   @nn.compact
   def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None, cache=None):
@@ -92,4 +96,4 @@ class Mlp(nn.Module):
       h_BTF = act(h_BTF)
     h_BTF = common.constrain(h_BTF, ('batch', 'length', 'mlp'))
     y_BTD = dense('wo', h_BTF, (f, d), ('mlp', 'embed'), out_std)
-    return y_BTD, ({'cache': {}} if cache is not None else {})
+    return y_BTD, {}, cache

@@ -53,6 +53,7 @@ import ml_collections
 
 import errors
 import models
+from models import sublayer
 from models.layers import common
 from models.layers import mlp
 
@@ -241,9 +242,37 @@ def dispatch_dense(x_TD, weights_TX, experts_TX, valid_T, w, act, gated):
 
 
 @models.register_sublayer('E')
-class Moe(nn.Module):
+class Moe(sublayer.Sublayer):
   """Routed experts (top-k of `model.moe.num_experts`) plus optional shared experts."""
-  cfg: object  # FrozenConfigDict of config.model
+  # Its fields of config.model: the dense MLP's (each expert is one) and the `moe` section.
+  DEFAULTS = dict(**mlp.Mlp.DEFAULTS, moe=dict(
+      num_experts=8,
+      num_experts_per_tok=2,     # top-k
+      expert_mlp_dim=0,          # 0: model.mlp_dim
+      router='softmax',          # softmax | sigmoid (scores for top-k and weights, fp32)
+      norm_topk_prob=True,       # renormalise the k weights to sum to one
+      routed_scaling_factor=1.0,  # multiplies the routed weights (DeepSeek V3: 2.5)
+      num_shared_experts=0,      # always-on experts, one MLP of n x shared_expert_mlp_dim
+      shared_expert_mlp_dim=0,   # 0: expert_mlp_dim
+      shared_expert_gate=False,  # sigmoid(x w) gate on the shared output (Qwen2-MoE)
+      n_group=1,                 # DeepSeek group-limited routing: experts in n_group groups,
+      topk_group=1,              #   top-k only within the best topk_group groups
+      aux_loss_weight=0.01,      # Switch/GShard load-balancing loss, summed over layers
+      router_z_loss_weight=0.0,  # ST-MoE z-loss on the router logits
+      bias_update_rate=0.0,      # DeepSeek V3 aux-loss-free bias step (0: off; V3 0.001)
+      correction_bias=False,     # a frozen per-expert parameter added to the scores for
+                                 #   selection only (a checkpoint's e_score_correction_bias)
+      dispatch='dropless',       # dropless (ragged_dot) | capacity | dense (reference)
+      capacity_factor=1.25,      # capacity: slots per expert = cf * tokens * k / E
+      capacity_group='row',      # capacity: a buffer per batch row (tokens stay on their
+                                 #   device) | batch (one for all tokens of the step)
+  ))
+  # Which tokens a training step may drop, and how: a resumed run may change these.
+  RESUMABLE = ('moe.dispatch', 'moe.capacity_factor', 'moe.capacity_group')
+  # Training choices transformers has no field for: side-loss weights, and the bias update,
+  # whose trained bias export folds into moe.correction_bias (interop.fold_routing_bias).
+  TRAINING_ONLY = ('moe.aux_loss_weight', 'moe.router_z_loss_weight', 'moe.bias_update_rate')
+  BIAS_SWITCHES = ('mlp_bias',)  # the router's and every expert's biases, as the dense MLP's
 
   @classmethod
   def validate(cls, cfg):
@@ -298,9 +327,10 @@ class Moe(nn.Module):
     return float(total)
 
   @classmethod
-  def init_cache(cls, cfg, batch: int, max_len: int):
-    del cfg, batch, max_len
-    return {}
+  def canonical(cls, fields: dict) -> dict:
+    if 'moe.expert_mlp_dim' in fields and not fields['moe.expert_mlp_dim']:
+      fields = dict(fields, **{'moe.expert_mlp_dim': fields['mlp_dim']})
+    return fields
 
   @nn.compact
   def __call__(self, x_BTD, *, positions_BT=None, segment_ids_BT=None, cache=None):
@@ -364,7 +394,7 @@ class Moe(nn.Module):
     if m.num_shared_experts:
       shared_cfg = cfg.as_configdict()
       shared_cfg.mlp_dim = shared_dim(cfg)
-      shared_BTD, _ = mlp.Mlp(ml_collections.FrozenConfigDict(shared_cfg), name='shared')(x_BTD)
+      shared_BTD, _, _ = mlp.Mlp(ml_collections.FrozenConfigDict(shared_cfg), name='shared')(x_BTD)
       if m.shared_expert_gate:
         gate_D1 = self.param('shared_gate', common.normal_init(std, ('embed', None)), (d, 1), pdtype)
         shared_BTD = shared_BTD * jax.nn.sigmoid(common.project(x_BTD, gate_D1.astype(dtype)))
@@ -386,9 +416,7 @@ class Moe(nn.Module):
       aux['loss/moe_router_z'] = m.router_z_loss_weight * router_z_loss(logits_TE, valid_T)
     if bias is not None and self.is_mutable_collection(BIAS_COLLECTION) and not self.is_initializing():
       bias.value = update_bias(jax.lax.stop_gradient(bias.value), counts_E, m.bias_update_rate)
-    if cache is not None:
-      aux['cache'] = {}
-    return y_BTD, aux
+    return y_BTD, aux, cache
 
 
 def update_bias(bias_E, counts_E, rate: float):

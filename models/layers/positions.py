@@ -18,6 +18,27 @@ import errors
 
 SCALINGS = ('none', 'linear', 'llama3', 'yarn')
 
+# The position fields of config.model (the decoder's DEFAULTS include them).
+DEFAULTS = dict(
+    position='rope',           # rope | learned | none
+    rope_theta=10000.0,
+    rope_fraction=1.0,         # partial rotary: rotate the first int(head_dim * fraction) dims
+    rope_interleaved=False,    # pairs (2i, 2i+1) (GPT-J, DeepSeek) instead of rotate-half (i, i+R/2)
+    rope_scaling=dict(         # as transformers' rope_scaling / rope_parameters
+        kind='none',           # none | linear | llama3 | yarn
+        factor=1.0,            # context extension factor (linear, llama3, yarn)
+        original_max_len=8192,  # llama3 and yarn: pre-training context (original_max_position_embeddings)
+        low_freq_factor=1.0,   # llama3
+        high_freq_factor=4.0,  # llama3
+        beta_fast=32.0,        # yarn: ramp boundaries in rotations
+        beta_slow=1.0,         # yarn
+        mscale=0.0,            # yarn: with mscale_all_dim, attention factor mscale(m) / mscale(m_all)
+        mscale_all_dim=0.0,    # yarn (MLA also multiplies its softmax scale by mscale(m_all)^2)
+        attention_factor=0.0,  # yarn: cos/sin factor; 0: 0.1 ln(factor) + 1
+        truncate=True,         # yarn: round the ramp boundaries to integers
+    ),
+)
+
 
 def rotary_dim(head_dim: int, fraction: float) -> int:
   """Rotated dims: int(head_dim * fraction) as transformers computes it; must be even."""
