@@ -4,14 +4,12 @@
   models.hf.export_hf(config, params, '/path/to/out_dir')        # transformers loads it
 
 Each supported `model_type` is one module here with a config translation and a mapping table
-(`family.Family`); `FAMILIES` lists them. See interop.py for the details.
+(`family.Family`), built from the shared rows (rows.py) and layer-pattern parser
+(pattern.py); families.py lists them in `FAMILIES`. See interop.py for the details.
 """
 
-from models.hf.family import FAMILIES, UnsupportedError
+from models.hf.families import FAMILIES
+from models.hf.family import UnsupportedError
 from models.hf.interop import export_hf, import_hf
-from models.hf import olmo3  # noqa: F401  (registers the family)
-from models.hf import qwen3_moe  # noqa: F401  (registers the family)
-from models.hf import gpt_oss  # noqa: F401  (registers the family)
-from models.hf import deepseek_v3  # noqa: F401  (registers the family)
 
 __all__ = ['FAMILIES', 'UnsupportedError', 'export_hf', 'import_hf']

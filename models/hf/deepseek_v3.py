@@ -25,7 +25,8 @@ import dataclasses
 import numpy as np
 
 from models.hf import family as family_lib
-from models.hf import llama
+from models.hf import pattern
+from models.hf import rows
 from models.hf.family import Tensor
 
 LATENT_NORM_EPS = 1e-6  # DeepseekV3RMSNorm's default, used by q_a_layernorm and kv_a_layernorm
@@ -51,10 +52,7 @@ class LinearTensor(Tensor):
     return self._fused().hf_shape(shapes)[::-1]
 
   def to_archlab(self, array, shapes):
-    expected = self.hf_shape(shapes)
-    if tuple(array.shape) != expected:
-      raise family_lib.UnsupportedError(f'tensor {self.hf} has shape {tuple(array.shape)}, but '
-                                        f'the config gives {expected}')
+    self.check_shape(array, shapes)
     if not self.per_head:
       return self._fused().to_archlab(array.T, shapes)
     r, n = shapes[0][0], self.per_head
@@ -68,12 +66,13 @@ class LinearTensor(Tensor):
 
 
 def config_to_archlab(hf: family_lib.HfConfig) -> dict:
-  d, n = hf.get('hidden_size', 7168), hf.get('num_attention_heads', 128)
   layers = hf.get('num_hidden_layers', 61)
   dense = hf.get('first_k_dense_replace', 3)
   if not 0 <= dense <= layers:
     hf.refuse('first_k_dense_replace', f'must be in [0, num_hidden_layers={layers}]')
-  act = hf.require('hidden_act', llama.ACTIVATIONS, 'silu')
+  fields = rows.archlab_fields(hf, vocab_size=129280, hidden_size=7168, num_attention_heads=128,
+                               intermediate_size=18432, max_position_embeddings=4096)
+  del fields['head_dim']  # MLA's head dims are the qk_*/v_head_dim fields
   q_rank = hf.get('q_lora_rank', 0)
   bias = bool(hf.get('attention_bias', False))
   if bias and not q_rank:
@@ -82,20 +81,11 @@ def config_to_archlab(hf: family_lib.HfConfig) -> dict:
   experts, shared = hf.get('n_routed_experts', 256), hf.get('n_shared_experts', 1)
   if dense < layers and shared < 1:
     hf.refuse('n_shared_experts', 'must be >= 1 (transformers always builds the shared MLP)')
-  fields = {
-      'pattern': 'AF' * dense + 'AE' * (layers - dense),
-      'vocab_size': hf.get('vocab_size', 129280),
-      'd_model': d,
-      'num_heads': n,
-      'num_kv_heads': n,  # MLA expands the latent into keys and values for every head
-      'mlp_dim': hf.get('intermediate_size', 18432),
-      'mlp_activation': llama.ACTIVATIONS[act],
-      'norm': 'rmsnorm',
-      'norm_eps': float(hf.get('rms_norm_eps', 1e-6)),
-      'position': 'rope',
+  fields.update({
+      'pattern': pattern.join([('A', 'F')] * dense + [('A', 'E')] * (layers - dense)),
+      # MLA expands the latent into keys and values for every head
+      'num_kv_heads': fields['num_heads'],
       'rope_interleaved': bool(hf.get('rope_interleave', True)),
-      'max_len': hf.get('max_position_embeddings', 4096),
-      'tie_embeddings': bool(hf.get('tie_word_embeddings', False)),
       'use_bias': False,
       'attention.qkv_bias': bias,
       'attention.o_bias': bias,
@@ -107,7 +97,7 @@ def config_to_archlab(hf: family_lib.HfConfig) -> dict:
       'attention.mla.v_head_dim': hf.get('v_head_dim', 128),
       'attention.mla.norm_eps': LATENT_NORM_EPS,
       **family_lib.rope_fields(hf),
-  }
+  })
   if dense < layers:
     fields.update({
         'moe.num_experts': experts,
@@ -126,21 +116,18 @@ def config_to_archlab(hf: family_lib.HfConfig) -> dict:
   return fields
 
 
-def layer_kinds(cfg) -> tuple[int, int]:
-  """(dense layers, MoE layers) of a pattern 'AF' * k + 'AE' * m, or one line why not."""
-  p = cfg.pattern
-  dense = 0
-  while p.startswith('AF', 2 * dense):
-    dense += 1
-  rest = len(p) // 2 - dense
-  if len(p) % 2 or p != 'AF' * dense + 'AE' * rest:
-    raise family_lib.UnsupportedError(f'model.pattern={p!r} is not \'AF\' * k + \'AE\' * m, as '
-                                      'DeepSeek V3')
-  return dense, rest
+def layers(cfg) -> list[pattern.Layer]:
+  """The layers of `model.pattern`, refused unless it is 'AF' * k + 'AE' * m."""
+  pairs = pattern.layers(cfg, 'A', 'FE')
+  dense = [f for _, f in pairs].count('F')
+  if pairs != [('A', 'F')] * dense + [('A', 'E')] * (len(pairs) - dense):
+    pattern.refuse(cfg, 'is not \'AF\' * k + \'AE\' * m, as DeepSeek V3')
+  return pairs
 
 
 def config_to_hf(cfg) -> dict:
-  dense, sparse = layer_kinds(cfg)
+  mlps = [f for _, f in layers(cfg)]
+  dense, sparse = mlps.count('F'), mlps.count('E')
   if cfg.attention.kind != 'mla':
     raise family_lib.UnsupportedError(f'model.attention.kind={cfg.attention.kind!r} cannot be '
                                       "written as DeepSeek V3 (mla only)")
@@ -148,7 +135,7 @@ def config_to_hf(cfg) -> dict:
   hf_config = {
       'model_type': 'deepseek_v3',
       'architectures': ['DeepseekV3ForCausalLM'],
-      **{k: v for k, v in llama.hf_fields(cfg, 'DeepSeek V3', dense + sparse).items()
+      **{k: v for k, v in rows.hf_fields(cfg, 'DeepSeek V3', dense + sparse).items()
          if k != 'head_dim'},  # MLA's head dims are the qk_*/v_head_dim fields
       'first_k_dense_replace': dense,
       'num_key_value_heads': cfg.num_heads,
@@ -175,60 +162,48 @@ def config_to_hf(cfg) -> dict:
   return hf_config
 
 
-def _mlp_rows(prefix: str, ours: tuple, index: int | None = None) -> list[Tensor]:
-  """A gated MLP's gate/up/down nn.Linear weights -> archlab's wi/wu/wo under `ours`."""
-  return [Tensor(f'{prefix}.{x}_proj.weight', (ours + (y,),), 'linear', index=index)
-          for x, y in (('gate', 'wi'), ('up', 'wu'), ('down', 'wo'))]
-
-
 def tensors(cfg) -> list[Tensor]:
   """The mapping table: DeepseekV3ForCausalLM tensor <-> archlab parameter."""
-  rows = family_lib.outer_rows(cfg)
-  dense, sparse = layer_kinds(cfg)
+  table = rows.outer_rows(cfg)
   bias = family_lib.qkv_bias(cfg)
-  for i in range(dense + sparse):
-    h, a, f = f'model.layers.{i}', 2 * i, 2 * i + 1
+  for i, (_, mlp) in enumerate(layers(cfg)):
+    h, a, f = rows.layer(i)
     s = f'{h}.self_attn'
-    rows += [
-        Tensor(f'{h}.input_layernorm.weight', ((a, 'norm', 'scale'),), contract=0),
+    table += rows.norm_rows(h, a, f) + [
         LinearTensor(f'{s}.kv_a_proj_with_mqa.weight', ((a, 'op', 'kv_a'), (a, 'op', 'k_rope'))),
-        Tensor(f'{s}.kv_a_layernorm.weight', ((a, 'op', 'kv_a_norm', 'scale'),), contract=0),
+        *rows.norm(f'{s}.kv_a_layernorm', (a, 'op', 'kv_a_norm')),
         LinearTensor(f'{s}.kv_b_proj.weight', ((a, 'op', 'k_b'), (a, 'op', 'v_b')),
                      per_head=cfg.num_heads),
         Tensor(f'{s}.o_proj.weight', ((a, 'op', 'o'),), 'linear', contract=2),
-        Tensor(f'{h}.post_attention_layernorm.weight', ((f, 'norm', 'scale'),), contract=0),
     ]
     if cfg.attention.mla.q_rank:
-      rows += [
+      table += [
           Tensor(f'{s}.q_a_proj.weight', ((a, 'op', 'q_a'),), 'linear'),
-          Tensor(f'{s}.q_a_layernorm.weight', ((a, 'op', 'q_a_norm', 'scale'),), contract=0),
+          *rows.norm(f'{s}.q_a_layernorm', (a, 'op', 'q_a_norm')),
           Tensor(f'{s}.q_b_proj.weight', ((a, 'op', 'q_b'),), 'linear'),
       ]
       if bias:
-        rows.append(Tensor(f'{s}.q_a_proj.bias', ((a, 'op', 'q_a_bias'),), contract=0))
+        table.append(Tensor(f'{s}.q_a_proj.bias', ((a, 'op', 'q_a_bias'),), contract=0))
     else:
-      rows.append(Tensor(f'{s}.q_proj.weight', ((a, 'op', 'q'),), 'linear'))
+      table.append(Tensor(f'{s}.q_proj.weight', ((a, 'op', 'q'),), 'linear'))
     if bias:
-      rows.append(Tensor(f'{s}.kv_a_proj_with_mqa.bias',
-                         ((a, 'op', 'kv_a_bias'), (a, 'op', 'k_rope_bias')), 'fused', 0))
+      table.append(Tensor(f'{s}.kv_a_proj_with_mqa.bias',
+                          ((a, 'op', 'kv_a_bias'), (a, 'op', 'k_rope_bias')), 'fused', 0))
     if family_lib.o_bias(cfg):
-      rows.append(Tensor(f'{s}.o_proj.bias', ((a, 'op', 'o_bias'),), contract=0))
-    if i < dense:
-      rows += _mlp_rows(f'{h}.mlp', (f, 'op'))
+      table.append(Tensor(f'{s}.o_proj.bias', ((a, 'op', 'o_bias'),), contract=0))
+    if mlp == 'F':
+      table += rows.mlp_rows(f'{h}.mlp', (f, 'op'))
       continue
-    rows += [
-        Tensor(f'{h}.mlp.gate.weight', ((f, 'op', 'router'),), 'linear'),
+    table += rows.moe_rows(cfg, h, f) + [
         Tensor(f'{h}.mlp.gate.e_score_correction_bias', ((f, 'op', 'correction_bias'),),
                contract=0),
-        *_mlp_rows(f'{h}.mlp.shared_experts', (f, 'op', 'shared')),
+        *rows.mlp_rows(f'{h}.mlp.shared_experts', (f, 'op', 'shared')),
     ]
-    for e in range(cfg.moe.num_experts):  # one tensor per expert: a slice of (E, ...) weights
-      rows += _mlp_rows(f'{h}.mlp.experts.{e}', (f, 'op'), index=e)
-  return rows
+  return table
 
 
-DEEPSEEK_V3 = family_lib.register(family_lib.Family(
+DEEPSEEK_V3 = family_lib.Family(
     model_type='deepseek_v3', architecture='DeepseekV3ForCausalLM', prefix='model.',
     config_to_archlab=config_to_archlab, config_to_hf=config_to_hf, tensors=tensors,
     # The multi-token-prediction layer of the released checkpoints (transformers skips it).
-    ignored=(r'(model\.)?layers\.61\..*',), read_as=family_lib.split_stacked_experts))
+    ignored=(r'(model\.)?layers\.61\..*',), read_as=family_lib.split_stacked_experts)

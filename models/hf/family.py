@@ -1,4 +1,4 @@
-"""What a Hugging Face family is: a config translation and a mapping table, in a registry.
+"""What a Hugging Face family is: a config translation and a mapping table.
 
 A family (one `model_type` of transformers) is
   * `config_to_archlab(hf) -> {model field: value}`: reads config.json through `HfConfig`,
@@ -8,8 +8,10 @@ A family (one `model_type` of transformers) is
 
 Archlab parameters are named by logical paths: `('embed',)`, `('final_norm', 'scale')`, or a
 path whose first element is an int, the sublayer's position in `model.pattern`:
-`(2, 'op', 'q')` is the query projection of the third sublayer. `layout` turns those into
-the decoder's real tree (`block_{r}` unrolled, or `blocks` with a leading layer axis).
+`(2, 'op', 'q')` is the query projection of the third sublayer. `interop.Layout` turns
+those into the decoder's real tree (`block_{r}` unrolled, or `blocks` with a leading layer
+axis). A family module builds its table from rows.py's pieces and reads `model.pattern`
+through pattern.py; families.py lists the families.
 """
 
 from __future__ import annotations
@@ -82,16 +84,20 @@ class Tensor:
 
   def to_archlab(self, array: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
     """The archlab arrays (with `shapes`) that HF's `array` holds."""
-    expected = self.hf_shape(shapes)
-    if tuple(array.shape) != expected:
-      raise UnsupportedError(f'tensor {self.hf} has shape {tuple(array.shape)}, but the '
-                             f'config gives {expected}')
+    self.check_shape(array, shapes)
     if self.kind == 'copy':
       return [array.reshape(shapes[0])]
     if self.kind == 'linear':
       return [array.T.reshape(shapes[0])]
     sizes = np.cumsum([math.prod(s[self.contract:]) for s in shapes])[:-1]
     return [piece.reshape(s) for piece, s in zip(np.split(array, sizes, axis=-1), shapes)]
+
+  def check_shape(self, array: np.ndarray, shapes: list[tuple[int, ...]]) -> None:
+    """Refuses, in one line, an HF `array` that does not hold archlab arrays of `shapes`."""
+    expected = self.hf_shape(shapes)
+    if tuple(array.shape) != expected:
+      raise UnsupportedError(f'tensor {self.hf} has shape {tuple(array.shape)}, but the '
+                             f'config gives {expected}')
 
   def to_hf(self, arrays: list[np.ndarray]) -> np.ndarray:
     flat = [a.reshape(_matrix_shape(a.shape, self.contract)) for a in arrays]
@@ -108,18 +114,6 @@ class Tensor:
     if self.kind == 'linear':
       return flat[0][::-1]
     return flat[0][:-1] + (sum(f[-1] for f in flat),)
-
-
-def outer_rows(cfg) -> list[Tensor]:
-  """The rows outside the layers of Llama's layout (and its descendants'): token embedding,
-  final norm, and the output head unless it is tied."""
-  rows = [
-      Tensor('model.embed_tokens.weight', (('embed',),)),
-      Tensor('model.norm.weight', (('final_norm', 'scale'),), contract=0),
-  ]
-  if not cfg.tie_embeddings:
-    rows.append(Tensor('lm_head.weight', (('head',),), 'linear'))
-  return rows
 
 
 def _matrix_shape(shape, contract: int) -> tuple[int, ...]:
@@ -175,33 +169,6 @@ def split_stacked_experts(tensors: dict) -> dict:
           raise UnsupportedError(f'tensor {key} is stored both on its own and in {name}')
         out[key] = piece
   return out
-
-
-FAMILIES: dict[str, Family] = {}
-
-# Families of the transformer issue with no mapping table yet, and the components they use.
-PENDING: dict[str, str] = {}  # model_type -> the components its mapping table waits for
-
-
-def register(family: Family) -> Family:
-  """Adds a family to the registry; a second family for one model_type is refused."""
-  if family.model_type in FAMILIES and FAMILIES[family.model_type] is not family:
-    raise errors.ConfigError(f'model_type {family.model_type!r} is already registered')
-  FAMILIES[family.model_type] = family
-  return family
-
-
-def get(model_type, source: str) -> Family:
-  """The family of a config.json's `model_type`, or one line saying why there is none."""
-  if model_type in FAMILIES:
-    return FAMILIES[model_type]
-  known = ', '.join(sorted(FAMILIES))
-  if model_type in PENDING:
-    raise UnsupportedError(f'{source}: model_type={model_type!r} is not supported yet (no '
-                           f'mapping table in models/hf/ for {PENDING[model_type]}); supported: '
-                           f'{known}')
-  raise UnsupportedError(f'{source}: model_type={model_type!r} is not supported (supported: '
-                         f'{known})')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,11 +300,3 @@ def rope_to_hf(cfg) -> dict:
   return {'rope_theta': float(cfg.rope_theta),
           'rope_scaling': None if legacy['rope_type'] == 'default' else legacy,
           'rope_parameters': params}
-
-
-def units(cfg, unit: str) -> int:
-  """How many times `unit` repeats to make `model.pattern` (refused when it does not)."""
-  repeats = len(cfg.pattern) // len(unit)
-  if cfg.pattern != unit * repeats or not repeats:
-    raise UnsupportedError(f'model.pattern={cfg.pattern!r} is not {unit!r} * layers')
-  return repeats

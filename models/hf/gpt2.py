@@ -7,6 +7,8 @@ one `c_attn` of (D, 3D) whose columns are [q | k | v], each head-major (N, H).
 from __future__ import annotations
 
 from models.hf import family as family_lib
+from models.hf import pattern
+from models.hf import rows
 from models.hf.family import Tensor
 
 # config.json activation_function -> model.mlp_activation (gelu_new is the tanh approximation)
@@ -27,7 +29,7 @@ def config_to_archlab(hf: family_lib.HfConfig) -> dict:
   act = hf.require('activation_function', ACTIVATIONS, 'gelu_new')
   # reorder_and_upcast_attn only changes where fp32 starts; archlab's softmax is fp32 anyway.
   return {
-      'pattern': 'AF' * hf.get('n_layer', 12),
+      'pattern': pattern.join([('A', 'F')] * hf.get('n_layer', 12)),
       'vocab_size': hf.get('vocab_size', 50257),
       'd_model': d,
       'num_heads': n,
@@ -46,7 +48,7 @@ def config_to_archlab(hf: family_lib.HfConfig) -> dict:
 
 
 def config_to_hf(cfg) -> dict:
-  layers = family_lib.units(cfg, 'AF')
+  layers = len(pattern.layers(cfg, 'A', 'F'))
   if cfg.mlp_activation not in TO_HF_ACTIVATIONS:
     raise family_lib.UnsupportedError(f'model.mlp_activation={cfg.mlp_activation!r} cannot be '
                                       f'written as GPT-2 (supported: {list(TO_HF_ACTIVATIONS)})')
@@ -74,37 +76,33 @@ def config_to_hf(cfg) -> dict:
 
 def tensors(cfg) -> list[Tensor]:
   """The mapping table: GPT2LMHeadModel tensor <-> archlab parameter."""
-  rows = [
+  table = [
       Tensor('transformer.wte.weight', (('embed',),)),
       Tensor('transformer.wpe.weight', (('pos_embed',),)),
-      Tensor('transformer.ln_f.weight', (('final_norm', 'scale'),), contract=0),
-      Tensor('transformer.ln_f.bias', (('final_norm', 'bias'),), contract=0),
+      *rows.norm('transformer.ln_f', ('final_norm',), bias=True),
+      *rows.head_rows(cfg),
   ]
-  if not cfg.tie_embeddings:
-    rows.append(Tensor('lm_head.weight', (('head',),), 'linear'))
-  for i in range(family_lib.units(cfg, 'AF')):
-    h, a, f = f'transformer.h.{i}', 2 * i, 2 * i + 1
-    rows += [
-        Tensor(f'{h}.ln_1.weight', ((a, 'norm', 'scale'),), contract=0),
-        Tensor(f'{h}.ln_1.bias', ((a, 'norm', 'bias'),), contract=0),
+  for i, _ in enumerate(pattern.layers(cfg, 'A', 'F')):
+    h, a, f = rows.layer(i, 'transformer.h')
+    table += [
+        *rows.norm(f'{h}.ln_1', (a, 'norm'), bias=True),
         Tensor(f'{h}.attn.c_attn.weight', ((a, 'op', 'q'), (a, 'op', 'k'), (a, 'op', 'v')),
                'fused'),
         Tensor(f'{h}.attn.c_attn.bias',
                ((a, 'op', 'q_bias'), (a, 'op', 'k_bias'), (a, 'op', 'v_bias')), 'fused', 0),
         Tensor(f'{h}.attn.c_proj.weight', ((a, 'op', 'o'),), contract=2),
         Tensor(f'{h}.attn.c_proj.bias', ((a, 'op', 'o_bias'),), contract=0),
-        Tensor(f'{h}.ln_2.weight', ((f, 'norm', 'scale'),), contract=0),
-        Tensor(f'{h}.ln_2.bias', ((f, 'norm', 'bias'),), contract=0),
+        *rows.norm(f'{h}.ln_2', (f, 'norm'), bias=True),
         Tensor(f'{h}.mlp.c_fc.weight', ((f, 'op', 'wi'),)),
         Tensor(f'{h}.mlp.c_fc.bias', ((f, 'op', 'wi_bias'),), contract=0),
         Tensor(f'{h}.mlp.c_proj.weight', ((f, 'op', 'wo'),)),
         Tensor(f'{h}.mlp.c_proj.bias', ((f, 'op', 'wo_bias'),), contract=0),
     ]
-  return rows
+  return table
 
 
-GPT2 = family_lib.register(family_lib.Family(
+GPT2 = family_lib.Family(
     model_type='gpt2', architecture='GPT2LMHeadModel', prefix='transformer.',
     config_to_archlab=config_to_archlab, config_to_hf=config_to_hf, tensors=tensors,
     # The causal-mask buffers older transformers saved with each attention layer.
-    ignored=(r'(transformer\.)?h\.\d+\.attn\.(masked_)?bias',)))
+    ignored=(r'(transformer\.)?h\.\d+\.attn\.(masked_)?bias',))

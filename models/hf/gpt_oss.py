@@ -19,9 +19,9 @@ import dataclasses
 import numpy as np
 
 from models.hf import family as family_lib
+from models.hf import pattern
+from models.hf import rows
 from models.hf.family import Tensor
-
-LAYER_TYPES = {'sliding_attention': 'W', 'full_attention': 'A'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +37,7 @@ class ExpertTensor(Tensor):
     return tuple(shapes[0][:-1]) + (sum(s[-1] for s in shapes),)
 
   def to_archlab(self, array, shapes):
-    expected = self.hf_shape(shapes)
-    if tuple(array.shape) != expected:
-      raise family_lib.UnsupportedError(f'tensor {self.hf} has shape {tuple(array.shape)}, but '
-                                        f'the config gives {expected}')
+    self.check_shape(array, shapes)
     n = len(shapes)
     return [array[..., i::n].reshape(s) for i, s in enumerate(shapes)]
 
@@ -48,22 +45,12 @@ class ExpertTensor(Tensor):
     return np.stack(arrays, axis=-1).reshape(arrays[0].shape[:-1] + (-1,))
 
 
-def layer_pattern(hf: family_lib.HfConfig) -> str:
-  """`W` or `A` per layer from `layer_types` (transformers' default: sliding on even layers)."""
-  layers = hf.get('num_hidden_layers', 36)
-  types = hf.get('layer_types') or ['sliding_attention' if (i + 1) % 2 else 'full_attention'
-                                    for i in range(layers)]
-  if len(types) != layers:
-    hf.refuse('layer_types', f'has {len(types)} entries for num_hidden_layers={layers}')
-  for t in types:
-    if t not in LAYER_TYPES:
-      hf.refuse('layer_types', f'has {t!r}; archlab reads {sorted(LAYER_TYPES)}')
-  return ''.join(LAYER_TYPES[t] for t in types)
-
-
 def config_to_archlab(hf: family_lib.HfConfig) -> dict:
   d, n = hf.get('hidden_size', 2880), hf.get('num_attention_heads', 64)
-  attention = layer_pattern(hf)
+  layers = hf.get('num_hidden_layers', 36)
+  # transformers' default: sliding on even layers (an empty list reads as absent)
+  types = hf.get('layer_types') or pattern.sliding_except_every(2, layers)
+  attention = pattern.mixers(hf, types, layers)
   k = hf.get('num_experts_per_tok', 4)
   window = hf.get('sliding_window', 0)
   if 'W' in attention and window <= 0:
@@ -72,7 +59,7 @@ def config_to_archlab(hf: family_lib.HfConfig) -> dict:
   bias = bool(hf.get('attention_bias', True))
   intermediate = hf.get('intermediate_size', 2880)
   return {
-      'pattern': ''.join(a + 'E' for a in attention),
+      'pattern': pattern.join([(a, 'E') for a in attention]),
       'vocab_size': hf.get('vocab_size', 201088),
       'd_model': d,
       'num_heads': n,
@@ -104,31 +91,22 @@ def config_to_archlab(hf: family_lib.HfConfig) -> dict:
   }
 
 
-def _pattern_layers(cfg) -> str:
-  """The attention character of each layer; refused unless the pattern is (W|A)E per layer."""
-  p = cfg.pattern
-  if len(p) % 2 or any(a not in 'WA' or e != 'E' for a, e in zip(p[::2], p[1::2])):
-    raise family_lib.UnsupportedError(f'model.pattern={p!r} is not (W|A)E per layer, as GPT-OSS')
-  return p[::2]
-
-
 def config_to_hf(cfg) -> dict:
-  attention = _pattern_layers(cfg)
+  layers = pattern.layers(cfg, 'WA', 'E')
   if cfg.mlp_activation != 'swiglu_clamped':
     raise family_lib.UnsupportedError(f'model.mlp_activation={cfg.mlp_activation!r} cannot be '
                                       "written as GPT-OSS (swiglu_clamped only)")
-  types = {v: k for k, v in LAYER_TYPES.items()}
   return {
       'model_type': 'gpt_oss',
       'architectures': ['GptOssForCausalLM'],
       'vocab_size': cfg.vocab_size,
       'hidden_size': cfg.d_model,
       'intermediate_size': cfg.moe.expert_mlp_dim or cfg.mlp_dim,
-      'num_hidden_layers': len(attention),
+      'num_hidden_layers': len(layers),
       'num_attention_heads': cfg.num_heads,
       'num_key_value_heads': cfg.num_kv_heads,
       'head_dim': cfg.head_dim or cfg.d_model // cfg.num_heads,
-      'layer_types': [types[a] for a in attention],
+      'layer_types': pattern.layer_types(layers),
       'sliding_window': cfg.attention.window or None,
       'num_local_experts': cfg.moe.num_experts,
       'num_experts_per_tok': cfg.moe.num_experts_per_tok,
@@ -147,17 +125,11 @@ def config_to_hf(cfg) -> dict:
 
 def tensors(cfg) -> list[Tensor]:
   """The mapping table: GptOssForCausalLM tensor <-> archlab parameter."""
-  rows = family_lib.outer_rows(cfg)
-  for i in range(len(_pattern_layers(cfg))):
-    h, a, e = f'model.layers.{i}', 2 * i, 2 * i + 1
-    rows += [
-        Tensor(f'{h}.input_layernorm.weight', ((a, 'norm', 'scale'),), contract=0),
-        Tensor(f'{h}.self_attn.q_proj.weight', ((a, 'op', 'q'),), 'linear'),
-        Tensor(f'{h}.self_attn.k_proj.weight', ((a, 'op', 'k'),), 'linear'),
-        Tensor(f'{h}.self_attn.v_proj.weight', ((a, 'op', 'v'),), 'linear'),
-        Tensor(f'{h}.self_attn.o_proj.weight', ((a, 'op', 'o'),), 'linear', contract=2),
+  table = rows.outer_rows(cfg)
+  for i, _ in enumerate(pattern.layers(cfg, 'WA', 'E')):
+    h, a, e = rows.layer(i)
+    table += rows.norm_rows(h, a, e) + rows.attention_rows(cfg, h, a) + [
         Tensor(f'{h}.self_attn.sinks', ((a, 'op', 'sinks'),), contract=0),
-        Tensor(f'{h}.post_attention_layernorm.weight', ((e, 'norm', 'scale'),), contract=0),
         Tensor(f'{h}.mlp.router.weight', ((e, 'op', 'router'),), 'linear'),
         Tensor(f'{h}.mlp.router.bias', ((e, 'op', 'router_bias'),), contract=0),
         ExpertTensor(f'{h}.mlp.experts.gate_up_proj', ((e, 'op', 'wi'), (e, 'op', 'wu'))),
@@ -166,14 +138,9 @@ def tensors(cfg) -> list[Tensor]:
         ExpertTensor(f'{h}.mlp.experts.down_proj', ((e, 'op', 'wo'),)),
         ExpertTensor(f'{h}.mlp.experts.down_proj_bias', ((e, 'op', 'wo_bias'),)),
     ]
-    if family_lib.qkv_bias(cfg):
-      rows += [Tensor(f'{h}.self_attn.{x}_proj.bias', ((a, 'op', f'{x}_bias'),), contract=0)
-               for x in 'qkv']
-    if family_lib.o_bias(cfg):
-      rows.append(Tensor(f'{h}.self_attn.o_proj.bias', ((a, 'op', 'o_bias'),), contract=0))
-  return rows
+  return table
 
 
-GPT_OSS = family_lib.register(family_lib.Family(
+GPT_OSS = family_lib.Family(
     model_type='gpt_oss', architecture='GptOssForCausalLM', prefix='model.',
-    config_to_archlab=config_to_archlab, config_to_hf=config_to_hf, tensors=tensors))
+    config_to_archlab=config_to_archlab, config_to_hf=config_to_hf, tensors=tensors)

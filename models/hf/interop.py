@@ -22,11 +22,9 @@ import errors
 import models
 from configs import common as configs_common
 from models import lm
+from models.hf import families
 from models.hf import family as family_lib
 from models.hf import files
-from models.hf import gpt2  # noqa: F401  (registers the family)
-from models.hf import llama  # noqa: F401  (registers the family)
-from models.hf import qwen3  # noqa: F401  (registers the family)
 from models.layers import common
 from models.layers import moe
 
@@ -34,7 +32,7 @@ from models.layers import moe
 def translate_config(path: str) -> tuple[family_lib.Family, dict, str]:
   """(family, archlab model fields, config.json name) of checkpoint directory `path`."""
   hf_config, source = files.read_config(path)
-  family = family_lib.get(hf_config.get('model_type'), source)
+  family = families.get(hf_config.get('model_type'), source)
   fields = family.config_to_archlab(family_lib.HfConfig(hf_config, source))
   return family, fields, source
 
@@ -221,8 +219,8 @@ def _check_tree(flat: dict, shapes: dict, model_type: str) -> None:
 
 def hf_config_for(model_config, model_type: str | None = None):
   """(family, config.json dict) that expresses `model_config` exactly, or one line why not."""
-  candidates = [family_lib.get(model_type, 'export_hf')] if model_type else [
-      family_lib.FAMILIES[k] for k in sorted(family_lib.FAMILIES)]
+  candidates = [families.get(model_type, 'export_hf')] if model_type else [
+      families.FAMILIES[k] for k in sorted(families.FAMILIES)]
   reasons = []
   for family in candidates:
     try:

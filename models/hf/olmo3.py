@@ -18,11 +18,10 @@ layer types the model uses. Note that transformers 5 reads a transformers 4 conf
 from __future__ import annotations
 
 from models.hf import family as family_lib
-from models.hf import llama
-from models.hf import qwen3_moe
+from models.hf import pattern
+from models.hf import rows
 from models.hf.family import Tensor
 
-LAYER_TYPES = {'sliding_attention': 'W', 'full_attention': 'A'}
 DEFAULT_THETA = 500000.0  # Olmo3Config.default_theta
 
 
@@ -42,20 +41,15 @@ def layer_rope(hf: family_lib.HfConfig, layer_type: str) -> dict:
 
 
 def config_to_archlab(hf: family_lib.HfConfig) -> dict:
-  d, n = hf.get('hidden_size', 4096), hf.get('num_attention_heads', 32)
+  fields = rows.archlab_fields(hf, vocab_size=50304, rms_norm_eps=1e-5)
   layers = hf.get('num_hidden_layers', 32)
-  act = hf.require('hidden_act', llama.ACTIVATIONS, 'silu')
-  types = hf.get('layer_types', ['sliding_attention' if (i + 1) % 4 else 'full_attention'
-                                 for i in range(layers)])
-  if len(types) != layers or any(t not in LAYER_TYPES for t in types):
-    hf.refuse('layer_types', f'must give one of {list(LAYER_TYPES)} for each of the '
-              f'num_hidden_layers={layers} layers')
+  types = hf.get('layer_types', pattern.sliding_except_every(4, layers))
+  mixers = pattern.mixers(hf, types, layers)
   ropes = {t: layer_rope(hf, t) for t in sorted(set(types))}
   if len(ropes) > 1 and ropes['sliding_attention'] != ropes['full_attention']:
     hf.refuse('rope_parameters', f'gives sliding_attention layers {ropes["sliding_attention"]} '
               f'but full_attention layers {ropes["full_attention"]}; archlab has one RoPE for '
               'all layers')
-  fields = {}
   if 'sliding_attention' in types:
     window = hf.get('sliding_window', 4096)
     if not isinstance(window, int) or window < 1:
@@ -63,20 +57,8 @@ def config_to_archlab(hf: family_lib.HfConfig) -> dict:
                 'sliding_attention layers')
     fields['attention.window'] = window
   fields.update({
-      'pattern': ''.join(LAYER_TYPES[t] + 'F' for t in types),
-      'vocab_size': hf.get('vocab_size', 50304),
-      'd_model': d,
-      'num_heads': n,
-      'num_kv_heads': hf.get('num_key_value_heads', n),
-      'head_dim': hf.get('head_dim', d // n),
-      'mlp_dim': hf.get('intermediate_size', 11008),
-      'mlp_activation': llama.ACTIVATIONS[act],
-      'norm': 'rmsnorm',
-      'norm_eps': float(hf.get('rms_norm_eps', 1e-5)),
+      'pattern': pattern.join([(m, 'F') for m in mixers]),
       'norm_placement': 'post',
-      'position': 'rope',
-      'max_len': hf.get('max_position_embeddings', 2048),
-      'tie_embeddings': bool(hf.get('tie_word_embeddings', False)),
       'attention.qk_norm': 'full',
       **family_lib.bias_fields(hf, 'attention_bias', 'mlp_bias'),
       **next(iter(ropes.values())),
@@ -85,37 +67,32 @@ def config_to_archlab(hf: family_lib.HfConfig) -> dict:
 
 
 def config_to_hf(cfg) -> dict:
-  pairs = qwen3_moe.layer_chars(cfg, 'AW', 'F')
+  layers = pattern.layers(cfg, 'AW', 'F')
   rope = family_lib.rope_to_hf(cfg)
   params = rope['rope_parameters']
   return {
       'model_type': 'olmo3',
       'architectures': ['Olmo3ForCausalLM'],
-      **llama.hf_fields(cfg, 'olmo3', len(pairs)),
-      'layer_types': [{'W': 'sliding_attention', 'A': 'full_attention'}[a] for a, _ in pairs],
+      **rows.hf_fields(cfg, 'olmo3', len(layers)),
+      'layer_types': pattern.layer_types(layers),
       'sliding_window': cfg.attention.window or 4096,
       'rope_theta': rope['rope_theta'],
       'rope_scaling': rope['rope_scaling'],
-      'rope_parameters': {t: dict(params) for t in LAYER_TYPES},
+      'rope_parameters': {t: dict(params) for t in pattern.LAYER_TYPES},
   }
 
 
 def tensors(cfg) -> list[Tensor]:
   """The mapping table: Olmo3ForCausalLM tensor <-> archlab parameter."""
-  rows = family_lib.outer_rows(cfg)
-  for i in range(len(qwen3_moe.layer_chars(cfg, 'AW', 'F'))):
-    h, a, f = f'model.layers.{i}', 2 * i, 2 * i + 1
-    rows += qwen3_moe.attention_rows(cfg, h, a)
-    rows.append(Tensor(f'{h}.post_attention_layernorm.weight', ((a, 'post_norm', 'scale'),),
-                       contract=0))
-    rows += qwen3_moe.mlp_rows(h, f)
-    rows.append(Tensor(f'{h}.post_feedforward_layernorm.weight', ((f, 'post_norm', 'scale'),),
-                       contract=0))
-  return rows
+  table = rows.outer_rows(cfg)
+  for i, _ in enumerate(pattern.layers(cfg, 'AW', 'F')):
+    h, a, f = rows.layer(i)
+    table += rows.attention_rows(cfg, h, a) + rows.mlp_rows(f'{h}.mlp', (f, 'op'))
+    table += rows.norm_rows(h, a, f, 'post')
+  return table
 
 
-OLMO3 = family_lib.register(family_lib.Family(
+OLMO3 = family_lib.Family(
     model_type='olmo3', architecture='Olmo3ForCausalLM', prefix='model.',
     config_to_archlab=config_to_archlab, config_to_hf=config_to_hf, tensors=tensors,
-    ignored=(r'(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq',
-             r'(model\.)?rotary_emb\..*inv_freq')))
+    ignored=rows.ROPE_BUFFERS + (r'(model\.)?rotary_emb\..*inv_freq',))

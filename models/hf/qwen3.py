@@ -2,13 +2,15 @@
 
 Each head's query and key go through an RMSNorm over the head's features before RoPE
 (`model.attention.qk_norm='head'`); `attention_bias` adds biases on q, k, v and o, and the
-MLP has none. Sliding-window layers (`use_sliding_window`) are refused for now.
+MLP has none. Sliding-window layers (`use_sliding_window`) are refused for now. Config
+fields without a value take LlamaConfig's defaults, as Llama's do.
 """
 
 from __future__ import annotations
 
 from models.hf import family as family_lib
-from models.hf import llama
+from models.hf import pattern
+from models.hf import rows
 from models.hf.family import Tensor
 
 
@@ -20,28 +22,34 @@ def config_to_archlab(hf: family_lib.HfConfig) -> dict:
   if any(t != 'full_attention' for t in layer_types):
     hf.refuse('layer_types', 'has sliding_attention layers; archlab\'s qwen3 import reads '
               'full_attention only')
-  return {**llama.config_to_archlab(hf), 'attention.qk_norm': 'head'}
+  return {
+      **rows.archlab_fields(hf),
+      'pattern': pattern.join([('A', 'F')] * hf.get('num_hidden_layers', 32)),
+      'attention.qk_norm': 'head',
+      **family_lib.bias_fields(hf, 'attention_bias', 'mlp_bias'),
+      **family_lib.rope_fields(hf),
+  }
 
 
 def config_to_hf(cfg) -> dict:
-  hf_config = llama.config_to_hf(cfg)
-  del hf_config['mlp_bias']  # Qwen3's MLP has no biases: a model with them does not round-trip
-  hf_config.update(model_type='qwen3', architectures=['Qwen3ForCausalLM'],
-                   use_sliding_window=False, sliding_window=None)
-  return hf_config
+  # No mlp_bias: Qwen3's MLP has no biases, so a model with them does not round-trip.
+  return {
+      'model_type': 'qwen3',
+      'architectures': ['Qwen3ForCausalLM'],
+      **rows.hf_fields(cfg, 'Qwen3', len(pattern.layers(cfg, 'A', 'F'))),
+      'use_sliding_window': False,
+      'sliding_window': None,
+      **family_lib.rope_to_hf(cfg),
+  }
 
 
 def tensors(cfg) -> list[Tensor]:
-  """Llama's table plus the per-head query and key norms."""
-  rows = llama.tensors(cfg)
-  for i in range(family_lib.units(cfg, 'AF')):
-    rows += [Tensor(f'model.layers.{i}.self_attn.{x}_norm.weight', ((2 * i, 'op', f'{x}_norm',
-                                                                     'scale'),), contract=0)
-             for x in 'qk']
-  return rows
+  """The mapping table: Qwen3ForCausalLM tensor <-> archlab parameter (Llama's, whose
+  attention rows hold the per-head query and key norms)."""
+  return rows.llama_table(cfg, pattern.layers(cfg, 'A', 'F'), mlp_bias=family_lib.mlp_bias(cfg))
 
 
-QWEN3 = family_lib.register(family_lib.Family(
+QWEN3 = family_lib.Family(
     model_type='qwen3', architecture='Qwen3ForCausalLM', prefix='model.',
     config_to_archlab=config_to_archlab, config_to_hf=config_to_hf, tensors=tensors,
-    ignored=llama.LLAMA.ignored))
+    ignored=rows.ROPE_BUFFERS)
