@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_quick_plan_has_the_stated_grid_centred_on_the_optimum(tmp_path):
   sweep = arch_compare.get_config('preset=quick')
-  runs = sweep_lib.plan(sweep, str(tmp_path))
+  runs = sweep_lib.plan(arch_compare, sweep, str(tmp_path))
   assert len(runs) == 2 * 2 * 3
   assert {r.architecture for r in runs} == {'llama', 'gpt2'}
   for r in runs:
@@ -27,7 +27,7 @@ def test_quick_plan_has_the_stated_grid_centred_on_the_optimum(tmp_path):
   # cpu_small: 5 sizes per budget around sqrt(C / (6 x 80)) parameters, strictly inside.
   sweep = arch_compare.get_config('preset=cpu_small')
   for budget in sweep.budgets:
-    sizes = sorted(r.params for r in sweep_lib.plan(sweep, str(tmp_path))
+    sizes = sorted(r.params for r in sweep_lib.plan(arch_compare, sweep, str(tmp_path))
                    if r.budget == budget and r.architecture == 'llama')
     assert len(sizes) == 5
     assert sweep.tokens_per_param == 80.0
@@ -35,11 +35,12 @@ def test_quick_plan_has_the_stated_grid_centred_on_the_optimum(tmp_path):
 
 
 def test_ladder_rule():
-  fields = arch_compare.size_overrides('llama', 96, max_layers=12)
+  sweep = ml_collections.ConfigDict(dict(max_layers=12))
+  fields = arch_compare.size_overrides('llama', 96, sweep)
   assert fields['model.num_heads'] == 6 and fields['model.num_kv_heads'] == 3
   assert fields['model.pattern'] == 'AF' * 4 and fields['model.mlp_dim'] == 256
-  assert arch_compare.size_overrides('gpt2', 96, 12)['model.mlp_dim'] == 384
-  assert arch_compare.size_overrides('llama', 2048, 12)['model.pattern'] == 'AF' * 12
+  assert arch_compare.size_overrides('gpt2', 96, sweep)['model.mlp_dim'] == 384
+  assert arch_compare.size_overrides('llama', 2048, sweep)['model.pattern'] == 'AF' * 12
 
 
 def test_runs_skip_finished_and_record_failures(tmp_path, monkeypatch):
@@ -50,9 +51,9 @@ def test_runs_skip_finished_and_record_failures(tmp_path, monkeypatch):
       architectures=['llama', 'broken'], budgets=[3e9], sizes=1, seq_len=32, batch_size=4,
       seeds=[0], eval_batches=1, widths=[32, 48], max_layers=2, tokens_per_param=20.0))
   sweep_dir = str(tmp_path / 'sweep')
-  runs = sweep_lib.plan(sweep, sweep_dir)
+  runs = sweep_lib.plan(arch_compare, sweep, sweep_dir)
   assert [r.architecture for r in runs] == ['llama', 'broken']
-  failed = sweep_lib.execute(sweep, runs, sweep_dir)
+  failed = sweep_lib.execute(arch_compare, sweep, runs, sweep_dir)
   assert failed == [runs[1].name]
   state = json.load(open(os.path.join(sweep_dir, 'sweep.json')))
   by_name = {r['name']: r for r in state['runs']}
@@ -61,7 +62,7 @@ def test_runs_skip_finished_and_record_failures(tmp_path, monkeypatch):
   summary = json.load(open(os.path.join(sweep_dir, 'runs', runs[0].name, 'summary.json')))
   assert summary['flops'] >= 3e9 and summary['config']['model']['d_model'] == 32
   # Again: the finished run is skipped, the failed one is tried again.
-  sweep_lib.execute(sweep, runs, sweep_dir)
+  sweep_lib.execute(arch_compare, sweep, runs, sweep_dir)
   by_name = {r['name']: r for r in json.load(open(os.path.join(sweep_dir, 'sweep.json')))['runs']}
   assert by_name[runs[0].name]['skipped'] is True
   assert by_name[runs[1].name]['status'] == 'failed'
@@ -78,3 +79,5 @@ def test_command_line_print_commands_and_bad_preset(tmp_path):
   cmd[3] = '--sweep=configs/sweeps/arch_compare.py:preset=huge'
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert proc.returncode != 0 and "preset='huge'" in proc.stderr
+  assert 'Traceback' not in proc.stderr and proc.stderr.startswith('sweep: error: ')
+
