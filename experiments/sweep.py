@@ -9,32 +9,42 @@ interrupted ones from their checkpoints; a failed run is recorded in `DIR/sweep.
 last line of its error and the others go on (a re-run tries it again). `DIR/sweep.json` lists
 every run with N (parameters), D (tokens), C (FLOPs) and its command; `experiments.report`
 reads it.
+
+The runner reads everything about the models from the sweep file that `--sweep` names: its
+`ARCHITECTURES` and its size rule `size_overrides(architecture, width, sweep)`, which may set
+any config field (configs/sweeps/arch_compare.py states the interface). From Python:
+
+  sweep, module = sweep_lib.load_sweep('configs/sweeps/arch_compare.py:preset=quick')
+  runs = sweep_lib.plan(module, sweep, sweep_dir)
+  sweep_lib.execute(module, sweep, runs, sweep_dir)
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import difflib
+import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 import time
+import types
 
 from absl import app
 from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 from ml_collections import config_flags
 import tqdm
 
 import errors
 import experiments
 import models
-from configs import common
-from configs.sweeps import arch_compare
 from trainer import flops as flops_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,12 +79,67 @@ class Run:
     return dataclasses.asdict(self)
 
 
-def model_size(architecture: str, overrides: dict, seq_len: int) -> tuple[int, int, float]:
+# What the runner reads from a sweep config; anything else in it is the sweep module's own.
+SWEEP_FIELDS = ('architectures', 'budgets', 'widths', 'sizes', 'seeds', 'tokens_per_param',
+                'seq_len', 'batch_size', 'eval_batches')
+
+
+def load_sweep(path_with_args: str) -> tuple[ml_collections.ConfigDict, types.ModuleType]:
+  """The sweep config and module of `'PATH:ARGS'`, `--sweep`'s syntax (PATH relative to the
+  working directory, else to the repository root)."""
+  path, has_args, arg = path_with_args.partition(':')
+  module = load_module(path)
+  if not callable(getattr(module, 'get_config', None)):
+    raise errors.ConfigError(f'sweep file {path} has no get_config(arg)')
+  return (module.get_config(arg) if has_args else module.get_config()), module
+
+
+def load_module(path: str) -> types.ModuleType:
+  """Executes the sweep file at `path` as a module and checks its interface (`check_module`)."""
+  if not os.path.isabs(path) and not os.path.exists(path):
+    path = os.path.join(ROOT, path)
+  if not os.path.isfile(path):
+    raise errors.ConfigError(f'sweep file {path} does not exist')
+  name = 'archlab_sweep_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  check_module(module)
+  return module
+
+
+def check_module(module) -> None:
+  """Refuses, in one line naming the file, a sweep module (or any object: a notebook's
+  namespace) without `ARCHITECTURES` entries holding `config` and `arg`, or `size_overrides`."""
+  where = _where(module)
+  missing = [n for n in ('ARCHITECTURES', 'size_overrides') if not hasattr(module, n)]
+  if missing:
+    raise errors.ConfigError(
+        f'sweep file {where} has no {" and no ".join(missing)}: a sweep module defines '
+        f'ARCHITECTURES (name -> dict(config=FILE, arg=ARG, ...)) and '
+        f'size_overrides(architecture, width, sweep) -> {{dotted field: value}}')
+  if not isinstance(module.ARCHITECTURES, dict) or not callable(module.size_overrides):
+    raise errors.ConfigError(f'sweep file {where}: ARCHITECTURES must be a dict and '
+                             f'size_overrides a function')
+  for name, arch in module.ARCHITECTURES.items():
+    lacks = [k for k in ('config', 'arg') if not isinstance(arch, dict) or k not in arch]
+    if lacks:
+      raise errors.ConfigError(f'sweep file {where}: ARCHITECTURES[{name!r}] has no '
+                               f'{" and no ".join(lacks)} (the config file and argument its '
+                               f'runs start from)')
+
+
+def size_overrides(module, architecture: str, width: int, sweep) -> dict:
+  """The module's size rule at `width`, every field checked against the architecture's config."""
+  overrides = dict(module.size_overrides(architecture, width, sweep))
+  _configured(module, architecture, overrides,
+              f'sweep file {_where(module)}: architecture {architecture!r} at width {width}')
+  return overrides
+
+
+def model_size(module, architecture: str, overrides: dict, seq_len: int) -> tuple[int, int, float]:
   """(parameters, non-embedding parameters, training FLOPs per token) of one ladder size."""
-  arch = arch_compare.ARCHITECTURES[architecture]
-  config = _load_config(arch['config'], arch['arg'])
-  for field, value in overrides.items():
-    common.set_field(config, field, value)
+  config = _configured(module, architecture, overrides, f'architecture {architecture!r}')
   config.model.max_len = seq_len
   config.model.vocab_size = config.model.vocab_size or 260  # the byte tokenizer's
   model = models.build(config.model)
@@ -86,17 +151,21 @@ def model_size(architecture: str, overrides: dict, seq_len: int) -> tuple[int, i
           flops_lib.train_flops_per_token(model.cfg, seq_len))
 
 
-def plan(sweep, sweep_dir: str) -> list[Run]:
+def plan(module, sweep, sweep_dir: str) -> list[Run]:
   """Every run of the sweep, sizes centred on the expected optimum of each budget."""
+  check_module(module)
+  missing = [f for f in SWEEP_FIELDS if f not in sweep]
+  if missing:
+    raise errors.ConfigError(f'the sweep config of {_where(module)} has no {missing}')
   runs = []
   for architecture in sweep.architectures:
-    if architecture not in arch_compare.ARCHITECTURES:
+    if architecture not in module.ARCHITECTURES:
       raise errors.ConfigError(f'sweep architecture {architecture!r} is not one of '
-                       f'{sorted(arch_compare.ARCHITECTURES)}')
+                               f'{sorted(module.ARCHITECTURES)} ({_where(module)})')
     ladder = []
     for d in sweep.widths:
-      overrides = arch_compare.size_overrides(architecture, d, sweep.max_layers)
-      ladder.append((d, overrides, *model_size(architecture, overrides, sweep.seq_len)))
+      overrides = size_overrides(module, architecture, d, sweep)
+      ladder.append((d, overrides, *model_size(module, architecture, overrides, sweep.seq_len)))
     for budget in sweep.budgets:
       target = math.sqrt(budget / (6 * sweep.tokens_per_param))
       centre = min(range(len(ladder)), key=lambda i: abs(math.log(ladder[i][2] / target)))
@@ -108,16 +177,16 @@ def plan(sweep, sweep_dir: str) -> list[Run]:
               name=name, architecture=architecture, budget=budget, width=d, seed=seed,
               params=n, params_non_embedding=n_non_embedding, train_flops_per_token=fpt,
               tokens=budget / fpt,
-              command=command(sweep, architecture, overrides, budget, fpt, seed,
+              command=command(module, sweep, architecture, overrides, budget, fpt, seed,
                               os.path.join(sweep_dir, 'runs', name))))
   return runs
 
 
-def command(sweep, architecture: str, overrides: dict, budget: float, train_flops_per_token: float,
-            seed: int, workdir: str) -> list[str]:
+def command(module, sweep, architecture: str, overrides: dict, budget: float,
+            train_flops_per_token: float, seed: int, workdir: str) -> list[str]:
   """The train.py command of one run: the budget in FLOPs, warmup 5% of its steps, four
   evaluations and checkpoints along the way."""
-  arch = arch_compare.ARCHITECTURES[architecture]
+  arch = module.ARCHITECTURES[architecture]
   steps = math.ceil(budget / (train_flops_per_token * sweep.batch_size * sweep.seq_len))
   fields = {
       **overrides,
@@ -155,10 +224,12 @@ def run_one(run: Run, workdir: str) -> dict:
   return {'status': 'finished', 'skipped': False, 'seconds': time.time() - start}
 
 
-def write_state(sweep_dir: str, sweep, runs: list[Run], status: dict) -> None:
-  """`sweep.json`, written atomically: the sweep config, code version, runs and their status."""
+def write_state(module, sweep_dir: str, sweep, runs: list[Run], status: dict) -> None:
+  """`sweep.json`, written atomically: the sweep file and config, code version, runs and their
+  status."""
   state = {
       'sweep': sweep.to_dict(),
+      'sweep_file': _where(module),
       'code_version': experiments.code_version(),
       'command': ' '.join(sys.argv),
       'runs': [{**r.to_dict(), **status.get(r.name, {'status': 'pending'})} for r in runs],
@@ -169,16 +240,38 @@ def write_state(sweep_dir: str, sweep, runs: list[Run], status: dict) -> None:
   os.replace(tmp, os.path.join(sweep_dir, 'sweep.json'))
 
 
+def execute(module, sweep, runs: list[Run], sweep_dir: str, parallel: int = 1) -> list[str]:
+  """Runs what is not finished, `parallel` at a time; returns the names of failed runs."""
+  os.makedirs(sweep_dir, exist_ok=True)
+  status = {}
+  write_state(module, sweep_dir, sweep, runs, status)
+  bar = tqdm.tqdm(total=len(runs), unit='run', dynamic_ncols=True, disable=None)
+  with concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
+    futures = {pool.submit(run_one, r, os.path.join(sweep_dir, 'runs', r.name)): r for r in runs}
+    for future in concurrent.futures.as_completed(futures):
+      r = futures[future]
+      status[r.name] = future.result()
+      if status[r.name]['status'] == 'failed':
+        tqdm.tqdm.write(f'{r.name} failed: {status[r.name]["error"]}')
+      bar.update(1)
+      write_state(module, sweep_dir, sweep, runs, status)
+  bar.close()
+  return sorted(name for name, s in status.items() if s['status'] == 'failed')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  errors.run_main('sweep', _main)
+
+
+def _main():
   if _SWEEP.value is None or not _DIR.value:
-    sys.exit('sweep: error: --sweep and --dir are required')
+    raise errors.ConfigError('--sweep and --dir are required')
   sweep, sweep_dir = _SWEEP.value, os.path.abspath(_DIR.value)
-  try:
-    runs = plan(sweep, sweep_dir)
-  except ValueError as e:
-    sys.exit(f'sweep: error: {e}')
+  # The flag's file name keeps its ':ARGS'; the flag's value already holds get_config(ARGS).
+  module = load_module(config_flags.get_config_filename(flags.FLAGS['sweep']).split(':', 1)[0])
+  runs = plan(module, sweep, sweep_dir)
   if _PRINT.value:
     for r in runs:
       print(' '.join(r.command))
@@ -196,34 +289,55 @@ def main(argv):
           f'(--assumed_mfu) plus {_START_UP_SECONDS} s of start-up each')
     return
 
-  failed = execute(sweep, runs, sweep_dir, _PARALLEL.value)
+  failed = execute(module, sweep, runs, sweep_dir, _PARALLEL.value)
   print(f'{len(runs) - len(failed)} of {len(runs)} runs finished in {sweep_dir}'
         + (f'; failed: {", ".join(failed)}' if failed else ''))
   if failed:
     sys.exit(1)
 
 
-def execute(sweep, runs: list[Run], sweep_dir: str, parallel: int = 1) -> list[str]:
-  """Runs what is not finished, `parallel` at a time; returns the names of failed runs."""
-  os.makedirs(sweep_dir, exist_ok=True)
-  status = {}
-  write_state(sweep_dir, sweep, runs, status)
-  bar = tqdm.tqdm(total=len(runs), unit='run', dynamic_ncols=True, disable=None)
-  with concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
-    futures = {pool.submit(run_one, r, os.path.join(sweep_dir, 'runs', r.name)): r for r in runs}
-    for future in concurrent.futures.as_completed(futures):
-      r = futures[future]
-      status[r.name] = future.result()
-      if status[r.name]['status'] == 'failed':
-        tqdm.tqdm.write(f'{r.name} failed: {status[r.name]["error"]}')
-      bar.update(1)
-      write_state(sweep_dir, sweep, runs, status)
-  bar.close()
-  return sorted(name for name, s in status.items() if s['status'] == 'failed')
+def _parse_flags(argv):
+  """absl's flag parsing, with a bad flag or a sweep file that fails to load in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    if os.environ.get('ARCHLAB_DEBUG'):
+      raise
+    sys.exit(f'sweep: error: {errors.flag_error_line(e, argv)}')
+
+
+def _where(module) -> str:
+  """How an error names a sweep module: its file, else its name."""
+  return getattr(module, '__file__', None) or getattr(module, '__name__', None) or repr(module)
+
+
+def _configured(module, architecture: str, overrides: dict, context: str):
+  """The architecture's config with `overrides` set; a field the config lacks (or a value of
+  the wrong type) is refused in one line that begins with `context`."""
+  arch = module.ARCHITECTURES[architecture]
+  config = _load_config(arch['config'], arch['arg'])
+  for field, value in overrides.items():
+    *parents, leaf = field.split('.')
+    node = config
+    for key in parents:
+      node = node.get(key) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      siblings = ['.'.join([*parents, k]) for k in node.keys()] if isinstance(
+          node, ml_collections.ConfigDict) else []
+      close = difflib.get_close_matches(field, siblings, n=1)
+      raise errors.ConfigError(
+          f'{context}: the size rule sets {field!r}, a field {arch["config"]}:{arch["arg"]} '
+          f'does not have' + (f'; did you mean {close[0]!r}?' if close else ''))
+    try:
+      node[leaf] = value
+    except TypeError as e:
+      raise errors.ConfigError(f'{context}: the size rule sets {field}={value!r}: '
+                               f'{str(e).splitlines()[0]}') from None
+  return config
 
 
 def _load_config(path: str, arg: str):
-  import importlib.util  # pylint: disable=g-import-not-at-top
+  """`get_config(arg)` of the config file at `path` (relative to the repository root)."""
   spec = importlib.util.spec_from_file_location('sweep_arch_config', os.path.join(ROOT, path))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -231,4 +345,4 @@ def _load_config(path: str, arg: str):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

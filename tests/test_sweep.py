@@ -1,4 +1,5 @@
-"""The sweep runner: planning around the optimum, running, skipping, recording failures."""
+"""The sweep runner: planning around the optimum, running, skipping, recording failures, and
+sweep files loaded from any path with their own architectures and size rules."""
 
 import json
 import math
@@ -9,6 +10,7 @@ import sys
 import ml_collections
 import pytest
 
+import errors
 from configs.sweeps import arch_compare
 from experiments import sweep as sweep_lib
 
@@ -17,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_quick_plan_has_the_stated_grid_centred_on_the_optimum(tmp_path):
   sweep = arch_compare.get_config('preset=quick')
-  runs = sweep_lib.plan(sweep, str(tmp_path))
+  runs = sweep_lib.plan(arch_compare, sweep, str(tmp_path))
   assert len(runs) == 2 * 2 * 3
   assert {r.architecture for r in runs} == {'llama', 'gpt2'}
   for r in runs:
@@ -27,7 +29,7 @@ def test_quick_plan_has_the_stated_grid_centred_on_the_optimum(tmp_path):
   # cpu_small: 5 sizes per budget around sqrt(C / (6 x 80)) parameters, strictly inside.
   sweep = arch_compare.get_config('preset=cpu_small')
   for budget in sweep.budgets:
-    sizes = sorted(r.params for r in sweep_lib.plan(sweep, str(tmp_path))
+    sizes = sorted(r.params for r in sweep_lib.plan(arch_compare, sweep, str(tmp_path))
                    if r.budget == budget and r.architecture == 'llama')
     assert len(sizes) == 5
     assert sweep.tokens_per_param == 80.0
@@ -35,11 +37,12 @@ def test_quick_plan_has_the_stated_grid_centred_on_the_optimum(tmp_path):
 
 
 def test_ladder_rule():
-  fields = arch_compare.size_overrides('llama', 96, max_layers=12)
+  sweep = ml_collections.ConfigDict(dict(max_layers=12))
+  fields = arch_compare.size_overrides('llama', 96, sweep)
   assert fields['model.num_heads'] == 6 and fields['model.num_kv_heads'] == 3
   assert fields['model.pattern'] == 'AF' * 4 and fields['model.mlp_dim'] == 256
-  assert arch_compare.size_overrides('gpt2', 96, 12)['model.mlp_dim'] == 384
-  assert arch_compare.size_overrides('llama', 2048, 12)['model.pattern'] == 'AF' * 12
+  assert arch_compare.size_overrides('gpt2', 96, sweep)['model.mlp_dim'] == 384
+  assert arch_compare.size_overrides('llama', 2048, sweep)['model.pattern'] == 'AF' * 12
 
 
 def test_runs_skip_finished_and_record_failures(tmp_path, monkeypatch):
@@ -50,9 +53,9 @@ def test_runs_skip_finished_and_record_failures(tmp_path, monkeypatch):
       architectures=['llama', 'broken'], budgets=[3e9], sizes=1, seq_len=32, batch_size=4,
       seeds=[0], eval_batches=1, widths=[32, 48], max_layers=2, tokens_per_param=20.0))
   sweep_dir = str(tmp_path / 'sweep')
-  runs = sweep_lib.plan(sweep, sweep_dir)
+  runs = sweep_lib.plan(arch_compare, sweep, sweep_dir)
   assert [r.architecture for r in runs] == ['llama', 'broken']
-  failed = sweep_lib.execute(sweep, runs, sweep_dir)
+  failed = sweep_lib.execute(arch_compare, sweep, runs, sweep_dir)
   assert failed == [runs[1].name]
   state = json.load(open(os.path.join(sweep_dir, 'sweep.json')))
   by_name = {r['name']: r for r in state['runs']}
@@ -61,7 +64,7 @@ def test_runs_skip_finished_and_record_failures(tmp_path, monkeypatch):
   summary = json.load(open(os.path.join(sweep_dir, 'runs', runs[0].name, 'summary.json')))
   assert summary['flops'] >= 3e9 and summary['config']['model']['d_model'] == 32
   # Again: the finished run is skipped, the failed one is tried again.
-  sweep_lib.execute(sweep, runs, sweep_dir)
+  sweep_lib.execute(arch_compare, sweep, runs, sweep_dir)
   by_name = {r['name']: r for r in json.load(open(os.path.join(sweep_dir, 'sweep.json')))['runs']}
   assert by_name[runs[0].name]['skipped'] is True
   assert by_name[runs[1].name]['status'] == 'failed'
@@ -78,3 +81,92 @@ def test_command_line_print_commands_and_bad_preset(tmp_path):
   cmd[3] = '--sweep=configs/sweeps/arch_compare.py:preset=huge'
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
   assert proc.returncode != 0 and "preset='huge'" in proc.stderr
+  assert 'Traceback' not in proc.stderr and proc.stderr.startswith('sweep: error: ')
+
+
+# A complete sweep file of the kind a user writes: its own architectures (llama_tiny with
+# sliding-window attention, and with MoE layers) and a size rule that sets more than widths.
+SWEEP_FILE = """
+import ml_collections
+
+from configs import common
+
+ARCHITECTURES = {
+    'window': dict(config='configs/transformer.py', arg='preset=llama_tiny', window=8),
+    'moe': dict(config='configs/transformer.py', arg='preset=llama_tiny', experts=4),
+}
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, depth=1)
+  return ml_collections.ConfigDict(dict(
+      architectures=list(ARCHITECTURES), budgets=[3e9], sizes=1, seeds=[0], seq_len=32,
+      batch_size=4, eval_batches=1, widths=[32, 48], tokens_per_param=20.0, depth=args.depth))
+
+
+def size_overrides(architecture, width, sweep):
+  arch = ARCHITECTURES[architecture]
+  fields = {'model.d_model': width, 'model.num_heads': width // 16,
+            'model.num_kv_heads': width // 16, 'model.mlp_dim': 2 * width}
+  if 'window' in arch:
+    return {**fields, 'model.pattern': 'WF' * sweep.depth,
+            'model.attention.window': arch['window']}
+  return {**fields, 'model.pattern': 'AE' * sweep.depth,
+          'model.moe.num_experts': arch['experts'], 'model.moe.dispatch': 'capacity'}
+"""
+
+
+def _write_sweep_file(tmp_path) -> str:
+  path = tmp_path / 'my_sweep.py'
+  path.write_text(SWEEP_FILE)
+  return str(path)
+
+
+def test_a_sweep_file_from_any_path_plans_and_runs_its_own_size_rule(tmp_path, monkeypatch):
+  sweep, module = sweep_lib.load_sweep(f'{_write_sweep_file(tmp_path)}:depth=2')
+  assert sweep.depth == 2 and sorted(module.ARCHITECTURES) == ['moe', 'window']
+  sweep_dir = str(tmp_path / 'sweep')
+  runs = sweep_lib.plan(module, sweep, sweep_dir)
+  assert [r.architecture for r in runs] == ['window', 'moe']
+  window, moe = runs
+  assert {'--config.model.pattern=WFWF', '--config.model.attention.window=8'} <= set(window.command)
+  assert {'--config.model.pattern=AEAE', '--config.model.moe.num_experts=4'} <= set(moe.command)
+  assert moe.params > window.params  # four experts' MLPs against one
+  # The runs compile as the tests do (conftest): about 10 s less each on 2 busy cores.
+  monkeypatch.setenv('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+  assert sweep_lib.execute(module, sweep, runs, sweep_dir, parallel=2) == []
+  state = json.load(open(os.path.join(sweep_dir, 'sweep.json')))
+  assert state['sweep_file'] == module.__file__ and state['sweep']['depth'] == 2
+  model = {r.architecture: json.load(open(os.path.join(sweep_dir, 'runs', r.name, 'summary.json'))
+                                     )['config']['model'] for r in runs}
+  assert [model[r.architecture]['d_model'] for r in runs] == [r.width for r in runs]
+  assert model['window']['pattern'] == 'WFWF' and model['window']['attention']['window'] == 8
+  assert model['moe']['pattern'] == 'AEAE' and model['moe']['moe']['num_experts'] == 4
+
+
+def test_refusals_are_one_line_naming_what_is_wrong(tmp_path, monkeypatch):
+  path = _write_sweep_file(tmp_path)
+  sweep, module = sweep_lib.load_sweep(path)
+
+  def refused(match, fn, *args):
+    with pytest.raises(errors.ConfigError, match=match) as e:
+      fn(*args)
+    assert '\n' not in str(e.value)
+
+  # A size rule that sets a field the config does not have: architecture, width and field.
+  monkeypatch.setattr(module, 'size_overrides', lambda a, w, s: {'model.moe.num_expert': 4})
+  sweep.architectures = ['moe']
+  refused(r"architecture 'moe' at width 32: the size rule sets 'model\.moe\.num_expert', a field "
+          r"configs/transformer\.py:preset=llama_tiny does not have; did you mean "
+          r"'model\.moe\.num_experts'", sweep_lib.plan, module, sweep, str(tmp_path))
+  # An architecture the module does not define: the known ones.
+  sweep.architectures = ['mamba']
+  refused(r"'mamba' is not one of \['moe', 'window'\]", sweep_lib.plan, module, sweep,
+          str(tmp_path))
+  # A sweep file without the interface: the file.
+  bare = tmp_path / 'bare.py'
+  bare.write_text('def get_config(arg=None):\n  return None\n')
+  refused(f'sweep file {bare} has no ARCHITECTURES and no size_overrides', sweep_lib.load_sweep,
+          f'{bare}:x')
+  refused(f'sweep file {tmp_path / "none.py"} does not exist', sweep_lib.load_sweep,
+          str(tmp_path / 'none.py'))

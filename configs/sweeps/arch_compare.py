@@ -14,9 +14,25 @@ and 64 from there (d/16 or d/64 heads; half as many kv heads where the family us
 depth round(d / 24) clipped to [2, 12] (48 beyond d=1024 in the pod preset), MLP 4d (GELU)
 or 8d/3 rounded to 16 (gated). For each budget C the sizes are the `sizes` widths centred on
 the one whose parameter count is closest to sqrt(C / (6 r)), r the preset's tokens per
-parameter (Chinchilla's 20 for `pod` and `quick`, 80 for `cpu_small`; C = 6 N D); each run trains on C / (training FLOPs per token) tokens (the trainer's
-`train.flops` budget). Learning rate: 3e-3 * sqrt(128 / d), warmup 5% of the steps, cosine
-to 10%.
+parameter (Chinchilla's 20 for `pod` and `quick`, 80 for `cpu_small`; C = 6 N D); each run
+trains on C / (training FLOPs per token) tokens (the trainer's `train.flops` budget).
+Learning rate: 3e-3 * sqrt(128 / d), warmup 5% of the steps, cosine to 10%.
+
+The interface every sweep file provides (experiments/sweep.py reads nothing else about the
+models; write your own sweep file to the same shape and pass it as `--sweep=PATH:ARGS`):
+
+  get_config(arg) -> ConfigDict   the sweep: architectures (keys of ARCHITECTURES), budgets
+                                  (FLOPs), widths (the ladder), sizes (runs per budget), seeds,
+                                  tokens_per_param, seq_len, batch_size, eval_batches; anything
+                                  else is the file's own (a report reads `baseline`).
+  ARCHITECTURES                   name -> dict with `config` (a config file, relative to the
+                                  repository root) and `arg` (its argument), the config each run
+                                  starts from, plus whatever the size rule reads.
+  size_overrides(architecture, width, sweep) -> {dotted field: value}
+                                  the fields that make `architecture` the ladder size `width`;
+                                  any field of the config (`model.moe.num_experts`,
+                                  `model.attention.window`, `optim.lr`, ...). A field the config
+                                  does not have is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -63,12 +79,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return sweep
 
 
-def size_overrides(architecture: str, d: int, max_layers: int) -> dict[str, object]:
-  """The config fields of width `d` under the ladder rule, for `architecture`."""
+def size_overrides(architecture: str, d: int, sweep: ml_collections.ConfigDict) -> dict:
+  """The config fields of width `d` under the ladder rule, for `architecture` (depth capped
+  at the sweep's `max_layers`)."""
   arch = ARCHITECTURES[architecture]
   heads = max(1, d // (16 if d < 256 else 64))
   kv_heads = heads // 2 if arch['gqa'] and heads % 2 == 0 else heads
-  depth = min(max_layers, max(2, round(d / 24)))
+  depth = min(sweep.max_layers, max(2, round(d / 24)))
   return {
       'model.d_model': d,
       'model.num_heads': heads,
