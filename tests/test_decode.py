@@ -1,0 +1,164 @@
+"""Decoding: samplers on hand-made logits, sampled frequencies against the model's softmax
+(chi-square), greedy decoding against the argmax of the full forward, stop ids, stop strings,
+seeds, and the one-line refusals."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+import models
+from models import decode
+from tests.conftest import tiny_model_config
+
+
+def kept(sampler, logits, seen=None):
+  out = decode.filter_logits(sampler, jnp.asarray([logits], jnp.float32),
+                             None if seen is None else jnp.asarray([seen]))
+  return set(np.nonzero(np.isfinite(np.asarray(out[0])))[0].tolist())
+
+
+def test_filters_keep_exactly_the_tokens_they_should():
+  logits = np.log(np.array([0.05, 0.4, 0.25, 0.2, 0.1]))
+  assert kept(decode.Sampler(), logits) == {0, 1, 2, 3, 4}
+  assert kept(decode.Sampler(top_k=2), logits) == {1, 2}
+  assert kept(decode.Sampler(top_k=9), logits) == {0, 1, 2, 3, 4}
+  # top-p: the smallest set of the likeliest tokens whose mass reaches p.
+  assert kept(decode.Sampler(top_p=0.39), logits) == {1}
+  assert kept(decode.Sampler(top_p=0.41), logits) == {1, 2}
+  assert kept(decode.Sampler(top_p=0.84), logits) == {1, 2, 3}
+  assert kept(decode.Sampler(top_p=0.86), logits) == {1, 2, 3, 4}
+  # min-p: at least min_p times the likeliest token's probability (0.4).
+  assert kept(decode.Sampler(min_p=0.49), logits) == {1, 2, 3}
+  assert kept(decode.Sampler(min_p=0.24), logits) == {1, 2, 3, 4}
+  assert kept(decode.Sampler(min_p=0.51), logits) == {1, 2}
+  # Applied in order: top-k, then top-p over what top-k kept (renormalised), then min-p.
+  assert kept(decode.Sampler(top_k=3, top_p=0.6), logits) == {1, 2}
+  assert kept(decode.Sampler(temperature=0), logits) == {1}
+  # Temperature changes which tokens top-p keeps (it reshapes the distribution first).
+  assert kept(decode.Sampler(temperature=0.1, top_p=0.9), logits) == {1}
+
+
+def test_repetition_penalty_as_transformers():
+  logits = jnp.asarray([[2.0, -1.0, 0.5, 3.0]])
+  seen = jnp.asarray([[True, True, False, False]])
+  out = decode.penalise(logits, seen, 2.0)
+  np.testing.assert_allclose(out, [[1.0, -2.0, 0.5, 3.0]])
+  # Greedy after the penalty: 3.0 wins unpenalised; penalised (1.5) it loses to 2.0.
+  s = decode.Sampler(temperature=0, repetition_penalty=2.0)
+  assert kept(s, [2.0, -1.0, 0.5, 3.0], [True, True, False, False]) == {3}
+  assert kept(s, [2.0, -1.0, 0.5, 3.0], [False, True, False, True]) == {0}
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('temperature', -1.0, 'temperature=-1.0 must be >= 0'),
+    ('top_k', -2, 'top_k=-2 must be >= 0'),
+    ('top_p', 0.0, 'top_p=0.0 must be in (0, 1]'),
+    ('min_p', 1.0, 'min_p=1.0 must be in [0, 1)'),
+    ('repetition_penalty', 0.0, 'repetition_penalty=0.0 must be positive'),
+])
+def test_bad_sampler_options_are_one_line(field, value, message):
+  with pytest.raises(ValueError) as e:
+    decode.Sampler(**{field: value})
+  assert message in str(e.value) and '\n' not in str(e.value)
+
+
+@pytest.fixture(scope='module')
+def llama():
+  cfg = tiny_model_config('llama_tiny')
+  model = models.build(cfg)
+  dummy = jnp.zeros((1, 8), jnp.int32)
+  variables = nn.meta.unbox(model.init(jax.random.key(0), dummy, positions_BT=dummy,
+                                       segment_ids_BT=dummy + 1))
+  # Larger weights: logits spread enough that sampled frequencies are informative.
+  variables = jax.tree.map(lambda w: w * 4 if w.ndim > 1 else w, variables)
+  return model, variables
+
+
+def full_logits(model, variables, seq):
+  x = jnp.asarray([seq])
+  return model.apply(variables, x, positions_BT=jnp.arange(len(seq))[None],
+                     segment_ids_BT=jnp.ones_like(x))[0][0]
+
+
+def test_sampled_frequencies_match_the_models_softmax(llama):
+  """4096 rows of one prompt, one token each, top-8 at temperature 0.7: the counts against
+  softmax(top-8 logits / 0.7) of the full forward (chi-square, 7 degrees of freedom)."""
+  model, variables = llama
+  prompt = [257, 11, 12, 13, 14]
+  sampler = decode.Sampler(temperature=0.7, top_k=8)
+  gen = decode.Generator(model, variables, max_len=16, sampler=sampler, prefill_bucket=8,
+                         steps_per_call=1)
+  rows = 4096
+  out = gen.generate([prompt] * rows, max_new_tokens=1, seed=3)
+  logits = np.asarray(full_logits(model, variables, prompt)[-1], np.float64)
+  top = np.argsort(-logits)[:8]
+  p = np.exp((logits[top] - logits[top].max()) / 0.7)
+  p /= p.sum()
+  assert p.max() < 0.9 and p.min() > 0.005, p  # the test can tell distributions apart
+  counts = np.bincount([o[0] for o in out.tokens], minlength=logits.size)
+  assert counts.sum() == counts[top].sum() == rows  # nothing outside the top 8
+  chi2 = stats.chisquare(counts[top], p * rows)
+  assert chi2.pvalue > 1e-3, (chi2, counts[top], p * rows)
+  # And a wrong distribution (no temperature) is rejected: the test has power.
+  q = np.exp(logits[top] - logits[top].max())
+  q /= q.sum()
+  assert stats.chisquare(counts[top], q * rows).pvalue < 1e-6
+
+
+def test_greedy_decoding_is_the_argmax_of_the_full_forward_and_seeds_reproduce(llama):
+  model, variables = llama
+  prompts = [[257, 5, 6, 7, 8, 9, 10], [257, 40, 41], [257]]
+  gen = decode.Generator(model, variables, max_len=32, sampler=decode.Sampler(temperature=0),
+                         prefill_bucket=8, steps_per_call=3)
+  out = gen.generate(prompts, max_new_tokens=10)
+  assert out.finish == ['length'] * 3 and out.new_tokens == 30
+  for p, o in zip(prompts, out.tokens):
+    seq = list(p)
+    for _ in range(10):
+      seq.append(int(jnp.argmax(full_logits(model, variables, seq)[-1])))
+    assert seq[len(p):] == o
+  sampled = decode.Generator(model, variables, max_len=32, sampler=decode.Sampler(top_p=0.9),
+                             prefill_bucket=8, steps_per_call=4)
+  a = sampled.generate(prompts, max_new_tokens=12, seed=1).tokens
+  assert sampled.generate(prompts, max_new_tokens=12, seed=1).tokens == a
+  assert sampled.generate(prompts, max_new_tokens=12, seed=2).tokens != a
+
+
+def test_rows_finish_on_stop_ids_and_stop_strings(llama):
+  model, variables = llama
+  prompts = [[257, 5, 6], [257, 40, 41, 42]]
+  greedy = decode.Sampler(temperature=0)
+  free = decode.Generator(model, variables, max_len=32, sampler=greedy, prefill_bucket=4,
+                          steps_per_call=2).generate(prompts, max_new_tokens=12).tokens
+  stop = free[0][3]  # row 0's fourth token
+  first = [row.index(stop) if stop in row else None for row in free]
+  gen = decode.Generator(model, variables, max_len=32, sampler=greedy, prefill_bucket=4,
+                         steps_per_call=2, stop_ids=(stop,), pad_id=0)
+  out = gen.generate(prompts, max_new_tokens=12)
+  for row, f, o, why in zip(free, first, out.tokens, out.finish):
+    if f is None:
+      assert o == row and why == 'length'
+    else:
+      assert o == row[:f + 1] and why == 'stop'  # the stop token is the last
+  # A stop string, found by the host on the decoded text.
+  text = lambda ids: ''.join(chr(65 + i % 26) for i in ids)
+  target = text(free[1][:5])[-2:]
+  strings = decode.StopStrings(text, [target], batch=2)
+  out = gen.generate(prompts, max_new_tokens=12, on_tokens=strings)
+  assert out.finish[1] == 'stop' and len(out.tokens[1]) < 12
+  assert strings.cut(text(out.tokens[1])) == text(free[1])[:text(free[1]).index(target)]
+
+
+def test_refusals_are_one_line(llama):
+  model, variables = llama
+  gen = decode.Generator(model, variables, max_len=16, prefill_bucket=8)
+  with pytest.raises(ValueError, match=r'a prompt of 12 tokens \(padded to 16\) plus '
+                                       r'max_new_tokens=4 exceeds the maximum length 16'):
+    gen.generate([[257] * 12], max_new_tokens=4)
+  with pytest.raises(ValueError, match='every prompt needs at least one token'):
+    gen.generate([[257], []], max_new_tokens=1)
+  with pytest.raises(ValueError, match='outside the vocabulary of 260'):
+    gen.generate([[300]], max_new_tokens=1)
