@@ -50,6 +50,22 @@ def run_main(program: str, fn, *args, **kwargs):
     sys.exit(report_bug(program, e))
 
 
+def flags_parser(program: str, moved: dict[str, str] | None = None):
+  """A `flags_parser` for `absl.app.run`: absl's parsing, with a bad flag or config field
+  reported as one line (`flag_error_line`) instead of a traceback and the usage text."""
+
+  def parse(argv):
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    try:
+      return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+      if os.environ.get('ARCHLAB_DEBUG'):
+        raise
+      sys.exit(f'{program}: error: {flag_error_line(e, argv, moved)}')
+
+  return parse
+
+
 def report_bug(program: str, error: BaseException) -> str:
   """Prints `error`'s traceback to stderr and returns the line an entry point exits with."""
   traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)

@@ -33,16 +33,6 @@ class _QuietLibraries(py_logging.Filter):
     return record.levelno >= py_logging.WARNING or 'orbax' not in record.pathname
 
 
-def _parse_flags(argv):
-  """absl's flag parsing, with a bad flag or config field reported in one line."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    if os.environ.get('ARCHLAB_DEBUG'):
-      raise
-    sys.exit(f'train.py: error: {errors.flag_error_line(e, argv, common.MOVED_FIELDS)}')
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -58,4 +48,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=errors.flags_parser('train.py', common.MOVED_FIELDS))

@@ -20,19 +20,13 @@ import shutil
 from absl import app
 from absl import flags
 from absl import logging
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 import errors
 from configs import common as configs_common
 from models import hf
-from models import schema
-from models.hf import family as family_lib
 from models.hf import files as hf_files
-from models.hf import interop
 from trainer import checkpoint
 from trainer import state as state_lib
 
@@ -59,41 +53,7 @@ def _is_bpe(tokenizer_path: str) -> bool:
     return 'archlab_tokenizer' not in json.load(f)
 
 
-def read_archlab(workdir: str, step: int | None = None):
-  """(model config, params, other collections) of a workdir's latest checkpoint (or `step`),
-  as numpy; the collections (e.g. the MoE routing biases) are {} for most models."""
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  if not os.path.isdir(directory):
-    raise errors.CheckpointError(f'{workdir}: no checkpoints/ directory (not an archlab workdir)')
-  mngr = ocp.CheckpointManager(directory, item_names=('state', 'data', 'config'),
-                               options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-  step = mngr.latest_step() if step is None else step
-  if step is None or step not in mngr.all_steps():
-    raise errors.CheckpointError(f'{workdir}: no checkpoint'
-                                 f'{"" if step is None else f" at step {step}"} '
-                                 f'(steps: {list(mngr.all_steps())})')
-  saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
-  model_config = configs_common.model_defaults()
-  for name, value in schema.leaves(saved).items():
-    try:
-      family_lib.set_field(model_config, name, value)
-    except KeyError:
-      raise errors.CheckpointError(f'{workdir}: checkpoint {step} has model.{name}, which the '
-                                   'model config (models/schema.py) no longer has') from None
-  shapes = interop.variable_shapes(model_config)
-  abstract = {}
-  for collection, paths in shapes.items():
-    dtype = jnp.dtype(model_config.param_dtype) if collection == 'params' else jnp.float32
-    abstract[collection] = interop.unflatten(
-        {path: jax.ShapeDtypeStruct(shape, dtype) for path, shape in paths.items()})
-  item = {'params': abstract.pop('params')}
-  if abstract:  # the trainer keeps the other collections in state['collections']
-    item['collections'] = abstract
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=item, restore_args=restore_args, partial_restore=True)))['state']
-  mngr.close()
-  return model_config, restored['params'], restored.get('collections', {})
+read_archlab = checkpoint.read_model  # (model config, params, collections) of a workdir
 
 
 def write_archlab(workdir: str, config, params) -> None:

@@ -63,6 +63,23 @@ def test_end_to_end_outputs(tmp_path):
   assert 0 < summary['final_eval_bits_per_byte'] < 8
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(os.path.join(workdir, 'tensorboard')))
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['20', '40']
+  assert json.load(open(os.path.join(workdir, 'config.json')))['model']['vocab_size'] == 260
+  # The Quick start's last step: a sample from the run just trained, streamed, reproducible.
+  out = str(tmp_path / 'samples.jsonl')
+  cmd = [sys.executable, '-m', 'experiments.sample', f'--workdir={workdir}',
+         '--prompt=def fib(n):', '--max_new_tokens=24', '--seed=3', f'--output={out}']
+  first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert first.returncode == 0, first.stderr[-3000:]
+  row = json.loads(open(out).read())
+  assert first.stdout == 'def fib(n):' + row['completion'] + '\n'
+  assert 0 < len(row['tokens']) <= 24 and row['tokens_per_sec'] > 0
+  again = subprocess.run(cmd[:-1] + ['--step=20'], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+  assert again.returncode == 0 and again.stdout != first.stdout  # an earlier checkpoint
+  bad = subprocess.run(cmd[:-1] + ['--step=30'], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+  assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1] == (
+      f'sample: error: {workdir}: no checkpoint at step 30 (steps: [20, 40])')
 
 
 def test_sigkill_then_resume_is_bitwise_equal_to_uninterrupted(tmp_path):

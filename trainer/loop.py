@@ -136,6 +136,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   config, t = run.config, run.config.train
   state, mngr, latest = state_lib.create_or_restore(run, workdir)
   start_step = int(state['step'])
+  is_main = jax.process_index() == 0
+  if is_main:
+    records.write_config(workdir, config)
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
     compiled = run.train_step.lower(run.fns.abstract_state(), run.fns.abstract_batch(
         t.batch_size, config.data.seq_len)).compile()
@@ -146,7 +149,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
                f"{params_count['params']:,}", f"{params_count['params_non_embedding']:,}",
                run.total_steps, run.tokens_per_step)
 
-  is_main = jax.process_index() == 0
   writer = metrics_lib.MetricWriter(workdir, total_steps=run.total_steps, start_step=start_step,
                                     enabled=is_main, progress_bar=t.progress_bar)
   saved_config = state_lib.saved_model_config(config.model)

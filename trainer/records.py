@@ -66,9 +66,19 @@ def summary(run, *, params_count: dict, eval_metrics: dict, xla_step_flops: floa
   }
 
 
+def write_config(workdir: str, config) -> None:
+  """`workdir/config.json`: the run config as resolved (vocabulary size included), written
+  when a run starts, so tools (experiments.sample) know its tokenizer and model."""
+  _write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
+
+
 def write_summary(workdir: str, record: dict) -> None:
   """`workdir/summary.json`, written atomically (a sweep takes its presence as 'finished')."""
-  tmp = os.path.join(workdir, 'summary.json.tmp')
+  _write_json(os.path.join(workdir, 'summary.json'), record)
+
+
+def _write_json(path: str, record: dict) -> None:
+  tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(record, f, indent=2, default=str)
-  os.replace(tmp, os.path.join(workdir, 'summary.json'))
+  os.replace(tmp, path)
