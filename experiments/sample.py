@@ -140,13 +140,13 @@ def sample(model_config, variables, tokenizer, prompts: list[str], *, max_new_to
                              f'{model_config.vocab_size}')
   model = models.build(model_config)
   ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
-  bucket = 64
-  padded = bucket * -(-max(len(i) for i in ids) // bucket)
+  chunk = 64  # prefill chunk: prompts are padded to a multiple of it
+  padded = chunk * -(-max(len(i) for i in ids) // chunk)
   max_len = max_len or padded + max_new_tokens
   variables = jax.tree.map(jnp.asarray, variables)
   gen = decode.Generator(model, variables, max_len=max_len, sampler=sampler,
                          stop_ids=(tokenizer.eos_id,), pad_id=tokenizer.pad_id,
-                         steps_per_call=steps_per_call, prefill_bucket=bucket)
+                         steps_per_call=steps_per_call, prefill_chunk=chunk)
   strings = decode.StopStrings(tokenizer.decode, stop, len(prompts))
 
   def on_tokens(tokens_BN, live_BN):

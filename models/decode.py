@@ -7,9 +7,11 @@ through its own cache (`Sublayer.init_cache`), under functions compiled once.
   out.tokens  # per prompt: the new tokens, ending with the stop token when one was sampled
 
 Layout. Prompts of different lengths are left-padded to one length, rounded up to a multiple
-of `prefill_bucket` (one compilation per bucket, not per prompt): padding has segment id 0,
-which no key ever sees, and positions count from each prompt's own first token, so every
-row writes the same cache slot each step and the cache index is one scalar. After the prefill,
+of `prefill_chunk`: padding has segment id 0, which no key ever sees, and positions count
+from each prompt's own first token, so every row writes the same cache slot each step and
+the cache index is one scalar. The prefill runs one chunk of `prefill_chunk` tokens per call
+of one compiled function (memory bounded by chunk x cache length, whatever the prompt's
+length, and one compilation for every prompt length). After the prefill,
 `steps_per_call` tokens are decoded per call of one jitted function (a `lax.scan`), so the
 host can stream text and stop early without recompiling; `max_len` (the cache length) is
 fixed when the Generator is made.
@@ -142,7 +144,7 @@ class Output:
   new_tokens: int            # tokens generated, stop tokens included
   prefill_seconds: float
   decode_seconds: float
-  model_calls: int           # forward passes: the prefill and one per decode step
+  model_calls: int           # forward passes: one per prefill chunk and per decode step
 
   @property
   def tokens_per_sec(self) -> float:
@@ -152,27 +154,27 @@ class Output:
 
 class Generator:
   """Prefill and decoding of one model (`models.build(config.model)`) with its variables
-  (`{'params': ..., **collections}`), compiled once per batch size and prompt bucket."""
+  (`{'params': ..., **collections}`), compiled once per batch size."""
 
   def __init__(self, model, variables, *, max_len: int, sampler: Sampler = Sampler(),
                stop_ids: Sequence[int] = (), pad_id: int = 0, steps_per_call: int = 8,
-               prefill_bucket: int = 64, mesh=None, rules=()):
+               prefill_chunk: int = 128, mesh=None, rules=()):
     cfg = model.cfg
     if max_len <= 0:
       raise errors.ConfigError(f'max_len={max_len} must be positive')
     if cfg.position == 'learned' and max_len > cfg.max_len:
       raise errors.ConfigError(f'max_len={max_len} exceeds the learned position table '
                                f'(model.max_len={cfg.max_len})')
-    if steps_per_call < 1 or prefill_bucket < 1:
-      raise errors.ConfigError(f'steps_per_call={steps_per_call} and prefill_bucket='
-                               f'{prefill_bucket} must be positive')
+    if steps_per_call < 1 or prefill_chunk < 1:
+      raise errors.ConfigError(f'steps_per_call={steps_per_call} and prefill_chunk='
+                               f'{prefill_chunk} must be positive')
     if cfg.bidirectional:
       raise errors.ConfigError('model.bidirectional=True: a bidirectional model does not decode '
                                'left to right (use a diffusion sampler)')
     self.model, self.variables, self.cfg = model, variables, cfg
     self.max_len, self.sampler = max_len, sampler
     self.stop_ids = tuple(int(s) for s in stop_ids)
-    self.pad_id, self.steps_per_call, self.prefill_bucket = pad_id, steps_per_call, prefill_bucket
+    self.pad_id, self.steps_per_call, self.prefill_chunk = pad_id, steps_per_call, prefill_chunk
     self.mesh, self.rules = mesh, rules
     self._prefill = jax.jit(self._prefill_fn)
     self._decode = jax.jit(self._decode_fn, donate_argnums=1)
@@ -236,12 +238,12 @@ class Generator:
 
   def prompt_layout(self, prompts: Sequence[Sequence[int]]):
     """(tokens_BT, positions_BT, segment_ids_BT) of left-padded prompts, the padded length a
-    multiple of `prefill_bucket`."""
+    multiple of `prefill_chunk`."""
     lengths = [len(p) for p in prompts]
     if not prompts or min(lengths) < 1:
       raise errors.ConfigError('every prompt needs at least one token (a document starts '
                                'with the bos token)')
-    t = self.prefill_bucket * math.ceil(max(lengths) / self.prefill_bucket)
+    t = self.prefill_chunk * math.ceil(max(lengths) / self.prefill_chunk)
     tokens = np.full((len(prompts), t), self.pad_id, np.int32)
     positions = np.zeros((len(prompts), t), np.int32)
     segments = np.zeros((len(prompts), t), np.int32)
@@ -280,11 +282,13 @@ class Generator:
         stack.enter_context(jax.set_mesh(self.mesh))
         stack.enter_context(nn.logical_axis_rules(self.rules))
       cache = self._place({'cache': lm.init_cache(self.cfg, b, self.max_len)})['cache']
-      inputs = self._place({'x': tuple(jnp.asarray(a) for a in (tokens_BT, positions_BT,
-                                                                   segments_BT))})['x']
-      prefill = self._compiled_fn('prefill', self._prefill, self.variables, *inputs, cache)
+      c = self.prefill_chunk
+      chunks = [self._place({'x': tuple(jnp.asarray(a[:, i:i + c]) for a in (
+          tokens_BT, positions_BT, segments_BT))})['x'] for i in range(0, t, c)]
+      prefill = self._compiled_fn('prefill', self._prefill, self.variables, *chunks[0], cache)
       start = time.perf_counter()
-      logits_BV, cache = prefill(self.variables, *inputs, cache)
+      for chunk in chunks:
+        logits_BV, cache = prefill(self.variables, *chunk, cache)
       state = _State(cache=cache, logits_BV=logits_BV, rng=jax.random.key(seed), **self._place({
           's': dict(positions_B=jnp.asarray([len(p) for p in prompts], jnp.int32),
                     finished_B=jnp.zeros((b,), bool), seen_BV=jnp.asarray(seen))})['s'])
@@ -313,7 +317,8 @@ class Generator:
       decode_seconds = time.perf_counter() - start
     return Output(tokens=out, finish=finish, prompt_tokens=sum(len(p) for p in prompts),
                   new_tokens=sum(len(o) for o in out), prefill_seconds=prefill_seconds,
-                  decode_seconds=decode_seconds, model_calls=1 + calls * self.steps_per_call)
+                  decode_seconds=decode_seconds,
+                  model_calls=len(chunks) + calls * self.steps_per_call)
 
   def _compiled_fn(self, name: str, fn, *args):
     """`fn` compiled for these arguments' shapes (once; `compile_seconds` counts the time)."""

@@ -89,7 +89,7 @@ def test_sampled_frequencies_match_the_models_softmax(llama):
   model, variables = llama
   prompt = [257, 11, 12, 13, 14]
   sampler = decode.Sampler(temperature=0.7, top_k=8)
-  gen = decode.Generator(model, variables, max_len=16, sampler=sampler, prefill_bucket=8,
+  gen = decode.Generator(model, variables, max_len=16, sampler=sampler, prefill_chunk=8,
                          steps_per_call=1)
   rows = 4096
   out = gen.generate([prompt] * rows, max_new_tokens=1, seed=3)
@@ -112,7 +112,7 @@ def test_greedy_decoding_is_the_argmax_of_the_full_forward_and_seeds_reproduce(l
   model, variables = llama
   prompts = [[257, 5, 6, 7, 8, 9, 10], [257, 40, 41], [257]]
   gen = decode.Generator(model, variables, max_len=32, sampler=decode.Sampler(temperature=0),
-                         prefill_bucket=8, steps_per_call=3)
+                         prefill_chunk=8, steps_per_call=3)
   out = gen.generate(prompts, max_new_tokens=10)
   assert out.finish == ['length'] * 3 and out.new_tokens == 30
   for p, o in zip(prompts, out.tokens):
@@ -121,7 +121,7 @@ def test_greedy_decoding_is_the_argmax_of_the_full_forward_and_seeds_reproduce(l
       seq.append(int(jnp.argmax(full_logits(model, variables, seq)[-1])))
     assert seq[len(p):] == o
   sampled = decode.Generator(model, variables, max_len=32, sampler=decode.Sampler(top_p=0.9),
-                             prefill_bucket=8, steps_per_call=4)
+                             prefill_chunk=8, steps_per_call=4)
   a = sampled.generate(prompts, max_new_tokens=12, seed=1).tokens
   assert sampled.generate(prompts, max_new_tokens=12, seed=1).tokens == a
   assert sampled.generate(prompts, max_new_tokens=12, seed=2).tokens != a
@@ -131,11 +131,11 @@ def test_rows_finish_on_stop_ids_and_stop_strings(llama):
   model, variables = llama
   prompts = [[257, 5, 6], [257, 40, 41, 42]]
   greedy = decode.Sampler(temperature=0)
-  free = decode.Generator(model, variables, max_len=32, sampler=greedy, prefill_bucket=4,
+  free = decode.Generator(model, variables, max_len=32, sampler=greedy, prefill_chunk=4,
                           steps_per_call=2).generate(prompts, max_new_tokens=12).tokens
   stop = free[0][3]  # row 0's fourth token
   first = [row.index(stop) if stop in row else None for row in free]
-  gen = decode.Generator(model, variables, max_len=32, sampler=greedy, prefill_bucket=4,
+  gen = decode.Generator(model, variables, max_len=32, sampler=greedy, prefill_chunk=4,
                          steps_per_call=2, stop_ids=(stop,), pad_id=0)
   out = gen.generate(prompts, max_new_tokens=12)
   for row, f, o, why in zip(free, first, out.tokens, out.finish):
@@ -154,7 +154,7 @@ def test_rows_finish_on_stop_ids_and_stop_strings(llama):
 
 def test_refusals_are_one_line(llama):
   model, variables = llama
-  gen = decode.Generator(model, variables, max_len=16, prefill_bucket=8)
+  gen = decode.Generator(model, variables, max_len=16, prefill_chunk=8)
   with pytest.raises(ValueError, match=r'a prompt of 12 tokens \(padded to 16\) plus '
                                        r'max_new_tokens=4 exceeds the maximum length 16'):
     gen.generate([[257] * 12], max_new_tokens=4)

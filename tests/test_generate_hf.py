@@ -91,7 +91,7 @@ def test_greedy_decoding_equals_transformers_generate(family, tmp_path):
   want = hf_generate(hf_model, ps)
   gen = decode.Generator(model, {'params': jax.tree.map(jnp.asarray, params)},
                          max_len=16 + NEW_TOKENS, sampler=decode.Sampler(temperature=0),
-                         prefill_bucket=16, steps_per_call=16)
+                         prefill_chunk=16, steps_per_call=16)
   got = gen.generate(ps, max_new_tokens=NEW_TOKENS).tokens
   for row, (g, w) in enumerate(zip(got, want)):
     first = next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), None)
