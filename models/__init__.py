@@ -1,12 +1,43 @@
 """archlab models: Flax linen modules, nothing about devices or files.
 
 Dimension key. Every array name ends with its dimensions and every einsum uses the same
-letters:
+letters. A letter means one thing everywhere, and no other letters are used (a `1` marks a
+broadcast axis of size one). Block-local arrays use the same letters as the whole: a flash
+block's queries are `T`, its keys `S`.
 
-  B batch              T query length        S key/value length     D model width
-  N query heads        K kv heads            G query groups per kv  H head dim
-  F MLP hidden         E experts             V vocabulary           C chunk length
-  P state dim          L stacked layers (scan)
+  Every array:
+    B batch
+    T query length (tokens of the call)
+    S key/value length (the keys a query may see: its row, a cache, a window, a block or a
+      selected set)
+    D model width
+    V vocabulary
+    L stacked layers (scan)
+  Attention:
+    N query heads (the output heads)
+    K kv heads
+    G query groups per kv head (N / K)
+    H head dim (of queries and keys, or of values where they differ, as in MLA)
+    R latent rank (MLA's kv_rank and q_rank)
+  MLP and MoE:
+    F MLP hidden
+    E experts
+    X routed choices per token (top-k)
+    Z routed slots (X x tokens)
+    Q capacity slots per expert
+    W capacity groups
+    M tokens per capacity group
+    U expert groups (group-limited routing)
+    J experts per group
+  Reserved for the sublayers to come:
+    C chunk length (mixer chunks, attention and sparse blocks, diffusion blocks)
+    A chunks or blocks per row (T / C)
+    P state dim (SSM state, DeltaNet key dim)
+    Y value heads (gated DeltaNet)
+    I indexer heads (DSA)
+    O diffusion steps
+
+tests/test_dimension_key.py reads this key and checks every name and einsum under models/.
 
 A decoder is a pattern string of residual sublayers (DESIGN.md). Each sublayer class
 registers itself under its pattern character with `register_sublayer`; a model family

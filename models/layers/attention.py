@@ -94,9 +94,11 @@ def dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float, sinks_N=None):
   b, t, n, h = q_BTNH.shape
   s, k, hv = k_BSKH.shape[1], k_BSKH.shape[2], v_BSKH.shape[-1]
   g = n // k
-  q_BKRH = q_BTNH.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(b, k, g * t, h)
-  logits_BKRS = jnp.matmul(q_BKRH, k_BSKH.transpose(0, 2, 3, 1), preferred_element_type=jnp.float32)
-  logits_BKGTS = logits_BKRS.reshape(b, k, g, t, s).astype(jnp.float32) * scale
+  q_BKGTH = q_BTNH.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4)
+  # Both products take the (group x query) rows as one dimension.
+  logits_BKGTS = jnp.matmul(q_BKGTH.reshape(b, k, g * t, h), k_BSKH.transpose(0, 2, 3, 1),
+                            preferred_element_type=jnp.float32).reshape(b, k, g, t, s)
+  logits_BKGTS = logits_BKGTS.astype(jnp.float32) * scale
   logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, -1e30)
   if sinks_N is None:
     probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
@@ -109,9 +111,9 @@ def dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float, sinks_N=None):
     probs_BKGTS = exp_BKGTS / denominator_BKGT1
   # A query row with no visible key (padding) gets zeros, not a uniform average.
   probs_BKGTS = jnp.where(mask_BTS[:, None, None], probs_BKGTS, 0.0)
-  out_BKRH = jnp.matmul(probs_BKGTS.reshape(b, k, g * t, s).astype(v_BSKH.dtype),
-                        v_BSKH.transpose(0, 2, 1, 3))
-  return out_BKRH.reshape(b, k, g, t, hv).transpose(0, 3, 1, 2, 4).reshape(b, t, n, hv)
+  out_BKGTH = jnp.matmul(probs_BKGTS.reshape(b, k, g * t, s).astype(v_BSKH.dtype),
+                         v_BSKH.transpose(0, 2, 1, 3)).reshape(b, k, g, t, hv)
+  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, hv)
 
 
 def library_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float, sinks_N=None,
@@ -131,8 +133,8 @@ def library_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float, sinks_N=No
     q_BTNH, k_BSKH = pad(q_BTNH, hv), pad(k_BSKH, hv)
   out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
                                           scale=scale, implementation=implementation)
-  any_T = jnp.any(mask_BTS, axis=-1)[..., None, None]
-  return jnp.where(any_T, out_BTNH, 0.0)[..., :hv].astype(q_BTNH.dtype)
+  any_BT11 = jnp.any(mask_BTS, axis=-1)[..., None, None]
+  return jnp.where(any_BT11, out_BTNH, 0.0)[..., :hv].astype(q_BTNH.dtype)
 
 
 def causal_blocks(attend_fn, q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float, block: int,
@@ -253,16 +255,21 @@ def output_gate(module, cfg, x_BTD, out_BTNH):
     return out_BTNH
   d, n, h = x_BTD.shape[-1], out_BTNH.shape[2], out_BTNH.shape[3]
   dtype, pdtype = common.dtype_of(cfg.dtype), common.dtype_of(cfg.param_dtype)
-  shape, axes = ((d, n), ('embed', 'heads')) if kind == 'headwise' else (
-      (d, n, h), ('embed', 'heads', 'head_dim'))
-  w = module.param('gate', common.normal_init(cfg.init_std, axes), shape, pdtype).astype(dtype)
-  gate_BTN = common.project(x_BTD, w)
-  if qkv_bias(cfg):
-    gate_BTN += module.param('gate_bias', common.zeros_init(axes[1:]), shape[1:], pdtype).astype(dtype)
-  gate_BTN = jax.nn.sigmoid(gate_BTN.astype(jnp.float32))  # float32 gate
-  if kind == 'headwise':
-    gate_BTN = gate_BTN[..., None]
-  return (out_BTNH.astype(jnp.float32) * gate_BTN).astype(out_BTNH.dtype)
+
+  def gate(shape, axes):
+    """sigmoid(x W_gate + b) in float32, (B, T) + shape[1:]."""
+    w = module.param('gate', common.normal_init(cfg.init_std, axes), shape, pdtype).astype(dtype)
+    logits = common.project(x_BTD, w)
+    if qkv_bias(cfg):
+      logits += module.param('gate_bias', common.zeros_init(axes[1:]), shape[1:],
+                             pdtype).astype(dtype)
+    return jax.nn.sigmoid(logits.astype(jnp.float32))  # float32 gate
+
+  if kind == 'headwise':  # one gate per head, broadcast over its features
+    gate_BTN1 = gate((d, n), ('embed', 'heads'))[..., None]
+    return (out_BTNH.astype(jnp.float32) * gate_BTN1).astype(out_BTNH.dtype)
+  gate_BTNH = gate((d, n, h), ('embed', 'heads', 'head_dim'))
+  return (out_BTNH.astype(jnp.float32) * gate_BTNH).astype(out_BTNH.dtype)
 
 
 def qkv_bias(cfg) -> bool:

@@ -35,11 +35,11 @@ _EMPTY_LSE = 1e30  # log-partition of a row that sees no key: exp(s - this) = 0
 def attention(q_BTNH, k_BSKH, v_BSKH, *, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, scale: float,
               causal: bool, window: int = 0, sinks_N=None, block: int = 128,
               skip: bool = False):
-  """Softmax attention of queries (B, T, N, H) over keys and values (B, S, K, H / Hv).
+  """Softmax attention of queries (B, T, N, H) over keys and values (B, S, K, H).
 
-  N must be a multiple of K (GQA); values may have another head dim (MLA). `block` is the
-  number of query and key positions per block; rows that are not a multiple of it are
-  padded with segment 0 (which nothing sees) and cut off again.
+  N must be a multiple of K (GQA); values may have another head dim H than queries and keys
+  (MLA). `block` is the number of query and key positions per block; rows that are not a
+  multiple of it are padded with segment 0 (which nothing sees) and cut off again.
   """
   b, t, n, h = q_BTNH.shape
   s, k = k_BSKH.shape[1], k_BSKH.shape[2]
@@ -58,26 +58,27 @@ def attention(q_BTNH, k_BSKH, v_BSKH, *, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS,
   q_BTNH, q_pos_BT, q_seg_BT = pad(q_BTNH, t_pad), pad(q_pos_BT, t_pad), pad(q_seg_BT, t_pad)
   k_BSKH, v_BSKH = pad(k_BSKH, s_pad), pad(v_BSKH, s_pad)
   k_pos_BS, k_seg_BS = pad(k_pos_BS, s_pad), pad(k_seg_BS, s_pad)
-  # Rows of the score blocks are (query, group) pairs, so a query block is a contiguous slice.
-  q_BKRH = q_BTNH.reshape(b, t + t_pad, k, g, h).transpose(0, 2, 1, 3, 4).reshape(b, k, -1, h)
+  # Queries (T) outside their groups (G), merged: (B, K, T x G, H) `rows`, so the rows of a
+  # query block are one contiguous slice (see `_rows_of_block`).
+  q_rows = q_BTNH.reshape(b, t + t_pad, k, g, h).transpose(0, 2, 1, 3, 4).reshape(b, k, -1, h)
   k_BKSH = k_BSKH.transpose(0, 2, 1, 3)
-  v_BKSV = v_BSKH.transpose(0, 2, 1, 3)
+  v_BKSH = v_BSKH.transpose(0, 2, 1, 3)
   sinks_KG = None if sinks_N is None else sinks_N.astype(jnp.float32).reshape(k, g)
   static = _Static(scale=float(scale), tq=tq, tk=tk, g=g, causal=causal, window=int(window),
                    skip=skip)
-  out_BKRV = _flash(static, q_BKRH, k_BKSH, v_BKSV, q_pos_BT.astype(jnp.int32),
+  out_rows = _flash(static, q_rows, k_BKSH, v_BKSH, q_pos_BT.astype(jnp.int32),
                     q_seg_BT.astype(jnp.int32), k_pos_BS.astype(jnp.int32),
                     k_seg_BS.astype(jnp.int32), sinks_KG)
   hv = v_BSKH.shape[-1]
-  out_BTNV = out_BKRV.reshape(b, k, t + t_pad, g, hv).transpose(0, 2, 1, 3, 4)
-  return out_BTNV.reshape(b, t + t_pad, n, hv)[:, :t]
+  out_BTNH = out_rows.reshape(b, k, t + t_pad, g, hv).transpose(0, 2, 1, 3, 4)
+  return out_BTNH.reshape(b, t + t_pad, n, hv)[:, :t]
 
 
 class _Static(NamedTuple):
   """The static (hashable) arguments of `_flash`: scale, block sizes, GQA group, mask kind."""
   scale: float
-  tq: int      # query positions per block
-  tk: int      # key positions per block
+  tq: int      # query positions per block (a block's T)
+  tk: int      # key positions per block (a block's S)
   g: int       # query heads per kv head
   causal: bool
   window: int
@@ -110,148 +111,176 @@ def _query_range(st: _Static, j, num_q: int):
   return lo, hi
 
 
-def _block_mask(st: _Static, q_pos_Bt, q_seg_Bt, k_pos_Bs, k_seg_Bs):
-  """(B, 1, tq, 1, tk): the reference mask of one block, broadcast over kv heads and groups."""
-  mask = (q_seg_Bt[:, :, None] == k_seg_Bs[:, None, :]) & (k_seg_Bs[:, None, :] != 0)
-  distance = q_pos_Bt[:, :, None] - k_pos_Bs[:, None, :]
+def _block_mask(st: _Static, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS):
+  """The reference mask of one block (T = st.tq queries, S = st.tk keys), broadcast over kv
+  heads and groups."""
+  mask_BTS = (q_seg_BT[:, :, None] == k_seg_BS[:, None, :]) & (k_seg_BS[:, None, :] != 0)
+  distance_BTS = q_pos_BT[:, :, None] - k_pos_BS[:, None, :]
   if st.causal:
-    mask &= distance >= 0
+    mask_BTS &= distance_BTS >= 0
   if st.window:
-    mask &= (distance if st.causal else jnp.abs(distance)) < st.window
-  return mask[:, None, :, None, :]
+    mask_BTS &= (distance_BTS if st.causal else jnp.abs(distance_BTS)) < st.window
+  return mask_BTS[:, None, :, None, :]
 
 
-def _scores(st: _Static, q_BKrH, k_BKsH, mask):
-  """Scaled, masked logits of one block, (B, K, tq, G, tk) float32; hidden ones are -inf."""
-  b, kv = q_BKrH.shape[:2]
-  s_BKrs = jnp.matmul(q_BKrH, jnp.swapaxes(k_BKsH, -1, -2), preferred_element_type=jnp.float32)
-  s_BKtGs = s_BKrs.reshape(b, kv, st.tq, st.g, -1) * st.scale
-  return jnp.where(mask, s_BKtGs, -jnp.inf)
+def _scores(st: _Static, q_BKTGH, k_BKSH, mask_B1T1S):
+  """Scaled, masked logits of one block, float32; hidden ones are -inf."""
+  b, kv, t, g, h = q_BKTGH.shape
+  logits_BKTGS = jnp.matmul(q_BKTGH.reshape(b, kv, t * g, h), jnp.swapaxes(k_BKSH, -1, -2),
+                            preferred_element_type=jnp.float32).reshape(b, kv, t, g, -1) * st.scale
+  return jnp.where(mask_B1T1S, logits_BKTGS, -jnp.inf)
 
 
 def _slice(x, start, size, axis):
   return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
-def _forward(st: _Static, q_BKRH, k_BKSH, v_BKSV, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS,
+# A name ending in `rows` holds (B, K, T x G, ...): a kv head's query rows, each query's G
+# heads adjacent, so query block i is the contiguous slice [i T G, (i + 1) T G) of a row's.
+# No key letter names the merged T x G, so these names carry no suffix. The matmuls take the
+# rows as one dimension, and the full-row arrays (queries, output, its gradients) stay merged:
+# carried 5-D through the loops, XLA:CPU copied the queries once more and summed D in another
+# order, moving the gradients by an ulp. In the loops, names with `i` are query block i's
+# (`qi_BKTGH`: its T = st.tq queries) and names with `j` key block j's (`kj_BKSH`: its
+# S = st.tk keys), as in FlashAttention's Q_i and K_j; the others span the whole row.
+
+
+def _rows_of_block(st: _Static, x_rows, i):
+  """Query block i's rows of a `rows` array, as (B, K, T, G, ...) with T = st.tq."""
+  b, kv, _, last = x_rows.shape
+  block_rows = st.tq * st.g
+  return _slice(x_rows, i * block_rows, block_rows, 2).reshape(b, kv, st.tq, st.g, last)
+
+
+def _forward(st: _Static, q_rows, k_BKSH, v_BKSH, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS,
              sinks_KG):
-  b, kv, r, _ = q_BKRH.shape
-  hv = v_BKSV.shape[-1]
-  num_q, num_k = r // (st.tq * st.g), k_BKSH.shape[2] // st.tk
-  rows = st.tq * st.g
+  b, kv, num_rows, _ = q_rows.shape
+  hv = v_BKSH.shape[-1]
+  block_rows = st.tq * st.g
+  num_q, num_k = num_rows // block_rows, k_BKSH.shape[2] // st.tk
 
   def query_block(i, carry):
-    out_BKRV, lse_BKtG1 = carry
-    q_BKrH = _slice(q_BKRH, i * rows, rows, 2)
-    q_pos, q_seg = _slice(q_pos_BT, i * st.tq, st.tq, 1), _slice(q_seg_BT, i * st.tq, st.tq, 1)
+    out_rows, lse_BKTG1 = carry
+    qi_BKTGH = _rows_of_block(st, q_rows, i)
+    qi_pos_BT = _slice(q_pos_BT, i * st.tq, st.tq, 1)
+    qi_seg_BT = _slice(q_seg_BT, i * st.tq, st.tq, 1)
 
     def key_block(j, state):
-      m_BKtG1, l_BKtG1, acc_BKrV = state
-      k_BKsH, v_BKsV = _slice(k_BKSH, j * st.tk, st.tk, 2), _slice(v_BKSV, j * st.tk, st.tk, 2)
-      mask = _block_mask(st, q_pos, q_seg, _slice(k_pos_BS, j * st.tk, st.tk, 1),
-                         _slice(k_seg_BS, j * st.tk, st.tk, 1))
-      s_BKtGs = _scores(st, q_BKrH, k_BKsH, mask)
-      m_new = jnp.maximum(m_BKtG1, jnp.max(s_BKtGs, -1, keepdims=True))
-      p_BKtGs = jnp.exp(s_BKtGs - m_new)
-      correction = jnp.exp(m_BKtG1 - m_new)
-      l_BKtG1 = l_BKtG1 * correction + jnp.sum(p_BKtGs, -1, keepdims=True)
-      pv_BKrV = jnp.matmul(p_BKtGs.reshape(b, kv, rows, st.tk).astype(v_BKsV.dtype), v_BKsV,
-                           preferred_element_type=jnp.float32)
-      acc_BKrV = acc_BKrV * correction.reshape(b, kv, rows, 1) + pv_BKrV
-      return m_new, l_BKtG1, acc_BKrV
+      m_BKTG1, l_BKTG1, acc_BKTGH = state
+      kj_BKSH, vj_BKSH = _slice(k_BKSH, j * st.tk, st.tk, 2), _slice(v_BKSH, j * st.tk, st.tk, 2)
+      mask_B1T1S = _block_mask(st, qi_pos_BT, qi_seg_BT, _slice(k_pos_BS, j * st.tk, st.tk, 1),
+                               _slice(k_seg_BS, j * st.tk, st.tk, 1))
+      logits_BKTGS = _scores(st, qi_BKTGH, kj_BKSH, mask_B1T1S)
+      m_new_BKTG1 = jnp.maximum(m_BKTG1, jnp.max(logits_BKTGS, -1, keepdims=True))
+      p_BKTGS = jnp.exp(logits_BKTGS - m_new_BKTG1)
+      correction_BKTG1 = jnp.exp(m_BKTG1 - m_new_BKTG1)
+      l_BKTG1 = l_BKTG1 * correction_BKTG1 + jnp.sum(p_BKTGS, -1, keepdims=True)
+      p_rows = p_BKTGS.reshape(b, kv, block_rows, st.tk).astype(vj_BKSH.dtype)
+      pv_BKTGH = jnp.matmul(p_rows, vj_BKSH, preferred_element_type=jnp.float32).reshape(
+          b, kv, st.tq, st.g, hv)
+      acc_BKTGH = acc_BKTGH * correction_BKTG1 + pv_BKTGH
+      return m_new_BKTG1, l_BKTG1, acc_BKTGH
 
     if sinks_KG is None:
-      m0 = jnp.full((b, kv, st.tq, st.g, 1), _NEG, jnp.float32)
-      l0 = jnp.zeros((b, kv, st.tq, st.g, 1), jnp.float32)
+      m0_BKTG1 = jnp.full((b, kv, st.tq, st.g, 1), _NEG, jnp.float32)
+      l0_BKTG1 = jnp.zeros((b, kv, st.tq, st.g, 1), jnp.float32)
     else:  # the sink is one more logit with no value: start the row there
-      m0 = jnp.broadcast_to(sinks_KG[None, :, None, :, None], (b, kv, st.tq, st.g, 1))
-      l0 = jnp.ones((b, kv, st.tq, st.g, 1), jnp.float32)
-    acc0 = jnp.zeros((b, kv, rows, hv), jnp.float32)
+      m0_BKTG1 = jnp.broadcast_to(sinks_KG[None, :, None, :, None], (b, kv, st.tq, st.g, 1))
+      l0_BKTG1 = jnp.ones((b, kv, st.tq, st.g, 1), jnp.float32)
+    acc0_BKTGH = jnp.zeros((b, kv, st.tq, st.g, hv), jnp.float32)
     lo, hi = _key_range(st, i, num_k)
-    m, l, acc = jax.lax.fori_loop(lo, hi, key_block, (m0, l0, acc0))
-    seen = l > 0
-    inv_l = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
-    out = (acc * inv_l.reshape(b, kv, rows, 1)).astype(out_BKRV.dtype)
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), _EMPTY_LSE)
-    out_BKRV = jax.lax.dynamic_update_slice_in_dim(out_BKRV, out, i * rows, 2)
-    lse_BKtG1 = jax.lax.dynamic_update_slice_in_dim(lse_BKtG1, lse, i * st.tq, 2)
-    return out_BKRV, lse_BKtG1
+    m_BKTG1, l_BKTG1, acc_BKTGH = jax.lax.fori_loop(lo, hi, key_block,
+                                                    (m0_BKTG1, l0_BKTG1, acc0_BKTGH))
+    seen_BKTG1 = l_BKTG1 > 0
+    inv_l_BKTG1 = jnp.where(seen_BKTG1, 1.0 / jnp.where(seen_BKTG1, l_BKTG1, 1.0), 0.0)
+    outi_BKTGH = (acc_BKTGH * inv_l_BKTG1).astype(out_rows.dtype)
+    lsei_BKTG1 = jnp.where(seen_BKTG1, m_BKTG1 + jnp.log(jnp.where(seen_BKTG1, l_BKTG1, 1.0)),
+                           _EMPTY_LSE)
+    out_rows = jax.lax.dynamic_update_slice_in_dim(
+        out_rows, outi_BKTGH.reshape(b, kv, block_rows, hv), i * block_rows, 2)
+    lse_BKTG1 = jax.lax.dynamic_update_slice_in_dim(lse_BKTG1, lsei_BKTG1, i * st.tq, 2)
+    return out_rows, lse_BKTG1
 
-  out0 = jnp.zeros((b, kv, r, hv), q_BKRH.dtype)
-  lse0 = jnp.zeros((b, kv, r // st.g, st.g, 1), jnp.float32)
-  return jax.lax.fori_loop(0, num_q, query_block, (out0, lse0))
+  out0_rows = jnp.zeros((b, kv, num_rows, hv), q_rows.dtype)
+  lse0_BKTG1 = jnp.zeros((b, kv, num_rows // st.g, st.g, 1), jnp.float32)
+  return jax.lax.fori_loop(0, num_q, query_block, (out0_rows, lse0_BKTG1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(st, q_BKRH, k_BKSH, v_BKSV, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, sinks_KG):
-  out_BKRV, _ = _forward(st, q_BKRH, k_BKSH, v_BKSV, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS,
+def _flash(st, q_rows, k_BKSH, v_BKSH, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, sinks_KG):
+  out_rows, _ = _forward(st, q_rows, k_BKSH, v_BKSH, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS,
                          sinks_KG)
-  return out_BKRV
+  return out_rows
 
 
-def _flash_fwd(st, q_BKRH, k_BKSH, v_BKSV, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, sinks_KG):
-  out_BKRV, lse_BKTG1 = _forward(st, q_BKRH, k_BKSH, v_BKSV, q_pos_BT, q_seg_BT, k_pos_BS,
+def _flash_fwd(st, q_rows, k_BKSH, v_BKSH, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, sinks_KG):
+  out_rows, lse_BKTG1 = _forward(st, q_rows, k_BKSH, v_BKSH, q_pos_BT, q_seg_BT, k_pos_BS,
                                  k_seg_BS, sinks_KG)
-  residuals = (q_BKRH, k_BKSH, v_BKSV, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, sinks_KG,
-               out_BKRV, lse_BKTG1)
-  return out_BKRV, residuals
+  residuals = (q_rows, k_BKSH, v_BKSH, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, sinks_KG,
+               out_rows, lse_BKTG1)
+  return out_rows, residuals
 
 
-def _flash_bwd(st, residuals, dout_BKRV):
-  (q_BKRH, k_BKSH, v_BKSV, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, sinks_KG, out_BKRV,
+def _flash_bwd(st, residuals, dout_rows):
+  (q_rows, k_BKSH, v_BKSH, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, sinks_KG, out_rows,
    lse_BKTG1) = residuals
-  b, kv, r, h = q_BKRH.shape
-  hv = v_BKSV.shape[-1]
-  num_q, num_k = r // (st.tq * st.g), k_BKSH.shape[2] // st.tk
-  rows = st.tq * st.g
+  b, kv, num_rows, h = q_rows.shape
+  hv = v_BKSH.shape[-1]
+  block_rows = st.tq * st.g
+  num_q, num_k = num_rows // block_rows, k_BKSH.shape[2] // st.tk
   # D = rowsum(dO * O): the softmax backward's per-row term.
-  delta_BKTG1 = jnp.sum(dout_BKRV.astype(jnp.float32) * out_BKRV.astype(jnp.float32), -1)
-  delta_BKTG1 = delta_BKTG1.reshape(b, kv, r // st.g, st.g, 1)
+  delta_rows = jnp.sum(dout_rows.astype(jnp.float32) * out_rows.astype(jnp.float32), -1)
+  delta_BKTG1 = delta_rows.reshape(b, kv, num_rows // st.g, st.g, 1)
 
   def key_block(j, carry):
-    dq_BKRH, dk_BKSH, dv_BKSV = carry
-    k_BKsH, v_BKsV = _slice(k_BKSH, j * st.tk, st.tk, 2), _slice(v_BKSV, j * st.tk, st.tk, 2)
-    k_pos, k_seg = _slice(k_pos_BS, j * st.tk, st.tk, 1), _slice(k_seg_BS, j * st.tk, st.tk, 1)
+    dq_rows, dk_BKSH, dv_BKSH = carry
+    kj_BKSH, vj_BKSH = _slice(k_BKSH, j * st.tk, st.tk, 2), _slice(v_BKSH, j * st.tk, st.tk, 2)
+    kj_pos_BS = _slice(k_pos_BS, j * st.tk, st.tk, 1)
+    kj_seg_BS = _slice(k_seg_BS, j * st.tk, st.tk, 1)
 
     def query_block(i, state):
-      dq_BKRH, dk_BKsH, dv_BKsV = state
-      q_BKrH = _slice(q_BKRH, i * rows, rows, 2)
-      do_BKrV = _slice(dout_BKRV, i * rows, rows, 2)
-      mask = _block_mask(st, _slice(q_pos_BT, i * st.tq, st.tq, 1),
-                         _slice(q_seg_BT, i * st.tq, st.tq, 1), k_pos, k_seg)
-      s_BKtGs = _scores(st, q_BKrH, k_BKsH, mask)
-      p_BKtGs = jnp.exp(s_BKtGs - _slice(lse_BKTG1, i * st.tq, st.tq, 2))
-      p_BKrs = p_BKtGs.reshape(b, kv, rows, st.tk)
-      dv_BKsV += jnp.matmul(jnp.swapaxes(p_BKrs, -1, -2).astype(do_BKrV.dtype), do_BKrV,
-                            preferred_element_type=jnp.float32)
-      dp_BKrs = jnp.matmul(do_BKrV, jnp.swapaxes(v_BKsV, -1, -2), preferred_element_type=jnp.float32)
-      delta = _slice(delta_BKTG1, i * st.tq, st.tq, 2)
-      ds_BKtGs = p_BKtGs * (dp_BKrs.reshape(p_BKtGs.shape) - delta) * st.scale
-      ds_BKrs = ds_BKtGs.reshape(b, kv, rows, st.tk).astype(q_BKrH.dtype)
-      dq = jnp.matmul(ds_BKrs, k_BKsH, preferred_element_type=jnp.float32)
-      dq_BKRH = jax.lax.dynamic_update_slice_in_dim(
-          dq_BKRH, _slice(dq_BKRH, i * rows, rows, 2) + dq, i * rows, 2)
-      dk_BKsH += jnp.matmul(jnp.swapaxes(ds_BKrs, -1, -2), q_BKrH,
-                            preferred_element_type=jnp.float32)
-      return dq_BKRH, dk_BKsH, dv_BKsV
+      dq_rows, dkj_BKSH, dvj_BKSH = state
+      qi_BKTGH = _rows_of_block(st, q_rows, i)
+      doi_rows = _slice(dout_rows, i * block_rows, block_rows, 2)
+      mask_B1T1S = _block_mask(st, _slice(q_pos_BT, i * st.tq, st.tq, 1),
+                               _slice(q_seg_BT, i * st.tq, st.tq, 1), kj_pos_BS, kj_seg_BS)
+      logits_BKTGS = _scores(st, qi_BKTGH, kj_BKSH, mask_B1T1S)
+      p_BKTGS = jnp.exp(logits_BKTGS - _slice(lse_BKTG1, i * st.tq, st.tq, 2))
+      # Each product takes the block's (T x G) rows as one dimension.
+      p_rows = p_BKTGS.reshape(b, kv, block_rows, st.tk)
+      dvj_BKSH += jnp.matmul(jnp.swapaxes(p_rows, -1, -2).astype(doi_rows.dtype), doi_rows,
+                             preferred_element_type=jnp.float32)
+      dp_BKTGS = jnp.matmul(doi_rows, jnp.swapaxes(vj_BKSH, -1, -2),
+                            preferred_element_type=jnp.float32).reshape(p_BKTGS.shape)
+      delta_i_BKTG1 = _slice(delta_BKTG1, i * st.tq, st.tq, 2)
+      ds_BKTGS = p_BKTGS * (dp_BKTGS - delta_i_BKTG1) * st.scale
+      ds_rows = ds_BKTGS.reshape(b, kv, block_rows, st.tk).astype(qi_BKTGH.dtype)
+      dqi_rows = jnp.matmul(ds_rows, kj_BKSH, preferred_element_type=jnp.float32)
+      dq_rows = jax.lax.dynamic_update_slice_in_dim(
+          dq_rows, _slice(dq_rows, i * block_rows, block_rows, 2) + dqi_rows, i * block_rows, 2)
+      dkj_BKSH += jnp.matmul(jnp.swapaxes(ds_rows, -1, -2), qi_BKTGH.reshape(b, kv, block_rows, h),
+                             preferred_element_type=jnp.float32)
+      return dq_rows, dkj_BKSH, dvj_BKSH
 
     lo, hi = _query_range(st, j, num_q)
-    zeros_k = jnp.zeros((b, kv, st.tk, h), jnp.float32)
-    zeros_v = jnp.zeros((b, kv, st.tk, hv), jnp.float32)
-    dq_BKRH, dk, dv = jax.lax.fori_loop(lo, hi, query_block, (dq_BKRH, zeros_k, zeros_v))
-    dk_BKSH = jax.lax.dynamic_update_slice_in_dim(dk_BKSH, dk, j * st.tk, 2)
-    dv_BKSV = jax.lax.dynamic_update_slice_in_dim(dv_BKSV, dv, j * st.tk, 2)
-    return dq_BKRH, dk_BKSH, dv_BKSV
+    dkj0_BKSH = jnp.zeros((b, kv, st.tk, h), jnp.float32)
+    dvj0_BKSH = jnp.zeros((b, kv, st.tk, hv), jnp.float32)
+    dq_rows, dkj_BKSH, dvj_BKSH = jax.lax.fori_loop(lo, hi, query_block,
+                                                    (dq_rows, dkj0_BKSH, dvj0_BKSH))
+    dk_BKSH = jax.lax.dynamic_update_slice_in_dim(dk_BKSH, dkj_BKSH, j * st.tk, 2)
+    dv_BKSH = jax.lax.dynamic_update_slice_in_dim(dv_BKSH, dvj_BKSH, j * st.tk, 2)
+    return dq_rows, dk_BKSH, dv_BKSH
 
   zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
-  dq, dk, dv = jax.lax.fori_loop(0, num_k, key_block, (zeros(q_BKRH), zeros(k_BKSH), zeros(v_BKSV)))
+  dq_rows, dk_BKSH, dv_BKSH = jax.lax.fori_loop(0, num_k, key_block,
+                                                (zeros(q_rows), zeros(k_BKSH), zeros(v_BKSH)))
   dsinks_KG = None
   if sinks_KG is not None:
     # d out / d sink = -p_sink * out, so d sink = -sum over rows of p_sink * D.
-    p_sink = jnp.exp(sinks_KG[None, :, None, :, None] - lse_BKTG1)
-    dsinks_KG = -jnp.sum(p_sink * delta_BKTG1, axis=(0, 2, 4))
-  return (dq.astype(q_BKRH.dtype), dk.astype(k_BKSH.dtype), dv.astype(v_BKSV.dtype),
-          None, None, None, None, dsinks_KG)
+    p_sink_BKTG1 = jnp.exp(sinks_KG[None, :, None, :, None] - lse_BKTG1)
+    dsinks_KG = -jnp.sum(p_sink_BKTG1 * delta_BKTG1, axis=(0, 2, 4))
+  return (dq_rows.astype(q_rows.dtype), dk_BKSH.astype(k_BKSH.dtype),
+          dv_BKSH.astype(v_BKSH.dtype), None, None, None, None, dsinks_KG)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -9,7 +9,8 @@ Two equal forms. Training rows use the expanded one: per-head keys and values, t
 attention every kind shares (`attention.attend`). Decoding caches only (c, rope(k_rope)) per
 token and uses the absorbed form: q_nope W_k_b^T turns each query into the latent space, so
 attention runs as MQA over [c, rope(k_rope)] keys and c values; the latent output is then
-expanded by W_v_b. Dimension letters beyond the key: R latent rank (kv_rank or q_rank).
+expanded by W_v_b. `R` is the key's latent rank (kv_rank, or q_rank for the query
+bottleneck); in the absorbed form a query's and key's head dim `H` is kv_rank + rope_head_dim.
 """
 
 from __future__ import annotations

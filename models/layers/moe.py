@@ -35,11 +35,8 @@ parameter, which a training step (the collection mutable) moves by
 and export folds it into that parameter (models/hf/interop.fold_routing_bias). Padding tokens
 (segment id 0) are not routed, counted or dropped.
 
-Letters beyond the key in models/__init__.py: here `T` counts all tokens of the call
-(batch x length, flattened), `X` the routed choices per token (top-k), `R` routed slots
-(X x T, choice-major), `Q` the capacity slots per expert, `W` capacity groups of `M` tokens
-(batch rows, or the whole batch), `U` expert groups and `J` experts per group (group-limited
-routing).
+Dimension letters are the key's (models/__init__.py); here `T` counts all tokens of the call
+(batch x length, flattened) and `Z`, the routed slots, is X x T, choice-major.
 """
 
 from __future__ import annotations
@@ -104,8 +101,9 @@ def route(logits_TE, bias_E, moe_cfg):
     t, e = choice_TE.shape
     choice_TUJ = choice_TE.reshape(t, m.n_group, e // m.n_group)
     best_TU = top_k(choice_TUJ, min(2, e // m.n_group))[0].sum(-1)
-    _, groups_TK = top_k(best_TU, m.topk_group)
-    keep_TU = jnp.any(jax.nn.one_hot(groups_TK, m.n_group, dtype=jnp.bool_), axis=-2)
+    # The best `topk_group` groups of each token, one-hot over U and merged.
+    keep_TU = jnp.any(jax.nn.one_hot(top_k(best_TU, m.topk_group)[1], m.n_group, dtype=jnp.bool_),
+                      axis=-2)
     choice_TE = jnp.where(keep_TU[:, :, None], choice_TUJ, -jnp.inf).reshape(t, e)
   _, experts_TX = top_k(choice_TE, m.num_experts_per_tok)
   weights_TX = jnp.take_along_axis(scores_TE, experts_TX, axis=-1)
@@ -143,20 +141,20 @@ def router_z_loss(logits_TE, valid_T):
   return jnp.sum(jnp.square(lse_T) * valid_T) / jnp.maximum(jnp.sum(valid_T), 1.0)
 
 
-def sort_slots(expert_R, valid_R, num_experts: int):
+def sort_slots(expert_Z, valid_Z, num_experts: int):
   """Stable sort of routed slots by expert, invalid slots last.
 
-  Returns `order_R` (sorted position -> slot), `group_sizes_E` (valid slots per expert, int32)
-  and `rank_R` (each slot's index within its expert's group, in slot order).
+  Returns `order_Z` (sorted position -> slot), `group_sizes_E` (valid slots per expert, int32)
+  and `rank_Z` (each slot's index within its expert's group, in slot order).
   """
-  r = expert_R.shape[0]
-  key_R = jnp.where(valid_R, expert_R, num_experts).astype(jnp.int32)
-  order_R = jnp.argsort(key_R, stable=True)
-  sizes = jnp.bincount(key_R, length=num_experts + 1).astype(jnp.int32)
+  z = expert_Z.shape[0]
+  key_Z = jnp.where(valid_Z, expert_Z, num_experts).astype(jnp.int32)
+  order_Z = jnp.argsort(key_Z, stable=True)
+  sizes = jnp.bincount(key_Z, length=num_experts + 1).astype(jnp.int32)
   starts = jnp.cumsum(sizes) - sizes
-  rank_sorted_R = jnp.arange(r, dtype=jnp.int32) - starts[key_R[order_R]]
-  rank_R = jnp.zeros_like(rank_sorted_R).at[order_R].set(rank_sorted_R)
-  return order_R, sizes[:num_experts], rank_R
+  rank_sorted_Z = jnp.arange(z, dtype=jnp.int32) - starts[key_Z[order_Z]]
+  rank_Z = jnp.zeros_like(rank_sorted_Z).at[order_Z].set(rank_sorted_Z)
+  return order_Z, sizes[:num_experts], rank_Z
 
 
 def expert_ffn(x, w, act, gated: bool, matmul, bias):
@@ -178,19 +176,19 @@ def dispatch_dropless(x_TD, weights_TX, experts_TX, valid_T, w, act, gated):
   """Sorts the slots by expert and runs each expert's rows through `jax.lax.ragged_dot`."""
   t, k = experts_TX.shape
   e = w['wi'].shape[0]
-  expert_R = experts_TX.T.reshape(-1)
-  valid_R = jnp.tile(valid_T, k)
-  order_R, group_sizes_E, _ = sort_slots(expert_R, valid_R, e)
-  token_R = order_R % t                       # slot r = choice * t + token
-  sorted_expert_R = jnp.minimum(expert_R[order_R], e - 1)
-  x_RD = x_TD[token_R]
-  out_RD = expert_ffn(x_RD, w, act, gated,
+  expert_Z = experts_TX.T.reshape(-1)
+  valid_Z = jnp.tile(valid_T, k)
+  order_Z, group_sizes_E, _ = sort_slots(expert_Z, valid_Z, e)
+  token_Z = order_Z % t                       # slot z = choice * t + token
+  sorted_expert_Z = jnp.minimum(expert_Z[order_Z], e - 1)
+  x_ZD = x_TD[token_Z]
+  out_ZD = expert_ffn(x_ZD, w, act, gated,
                       lambda x, w_E: jax.lax.ragged_dot(x, w_E, group_sizes_E),
-                      lambda b_E: b_E[sorted_expert_R])
+                      lambda b_E: b_E[sorted_expert_Z])
   # Slots past the groups (padding) come out of ragged_dot as zeros; mask them anyway.
-  out_RD = jnp.where(valid_R[order_R][:, None], out_RD, 0.0)
-  inverse_R = jnp.zeros_like(order_R).at[order_R].set(jnp.arange(order_R.shape[0]))
-  out_XTD = out_RD[inverse_R].reshape(k, t, -1)
+  out_ZD = jnp.where(valid_Z[order_Z][:, None], out_ZD, 0.0)
+  inverse_Z = jnp.zeros_like(order_Z).at[order_Z].set(jnp.arange(order_Z.shape[0]))
+  out_XTD = out_ZD[inverse_Z].reshape(k, t, -1)
   y_TD = jnp.einsum('XTD,TX->TD', out_XTD, weights_TX.astype(out_XTD.dtype))
   return y_TD, jnp.zeros((), jnp.float32)
 
@@ -206,25 +204,26 @@ def dispatch_capacity(x_WMD, weights_WMX, experts_WMX, valid_WM, w, act, gated, 
   groups, per_group, k = experts_WMX.shape
   e, d = w['wi'].shape[0], x_WMD.shape[-1]
   # Choice-major slots: first choices have priority.
-  expert_WR = experts_WMX.transpose(0, 2, 1).reshape(groups, k * per_group)
-  valid_WR = jnp.tile(valid_WM, (1, k))
-  rank_WR = jax.vmap(lambda ex_R, va_R: sort_slots(ex_R, va_R, e)[2])(expert_WR, valid_WR)
-  keep_WR = valid_WR & (rank_WR < slots)
-  dest_WR = jnp.where(keep_WR, expert_WR * slots + rank_WR, e * slots)  # out of range: dropped
-  token_R = jnp.arange(k * per_group) % per_group
+  expert_WZ = experts_WMX.transpose(0, 2, 1).reshape(groups, k * per_group)
+  valid_WZ = jnp.tile(valid_WM, (1, k))
+  rank_WZ = jax.vmap(lambda ex_Z, va_Z: sort_slots(ex_Z, va_Z, e)[2])(expert_WZ, valid_WZ)
+  keep_WZ = valid_WZ & (rank_WZ < slots)
+  dest_WZ = jnp.where(keep_WZ, expert_WZ * slots + rank_WZ, e * slots)  # out of range: dropped
+  token_Z = jnp.arange(k * per_group) % per_group
   # Per group (vmap), so the scatter and gather have a batch axis the partitioner keeps local.
-  x_WQD = jax.vmap(lambda x_MD, dest_R: jnp.zeros((e * slots, d), x_MD.dtype).at[dest_R].set(
-      x_MD[token_R], mode='drop'))(x_WMD, dest_WR)
+  # Both index a group's buffer flattened to (E x Q) rows.
+  scatter = lambda x_MD, dest_Z: jnp.zeros((e * slots, d), x_MD.dtype).at[dest_Z].set(
+      x_MD[token_Z], mode='drop')
   axes = ('expert_groups' if groups > 1 else None, 'experts', None, None)
-  x_WEQD = common.constrain(x_WQD.reshape(groups, e, slots, d), axes)
+  x_WEQD = common.constrain(jax.vmap(scatter)(x_WMD, dest_WZ).reshape(groups, e, slots, d), axes)
   matmul = lambda x, w_E: jnp.einsum('WEQD,EDF->WEQF', x, w_E)
   out_WEQD = common.constrain(expert_ffn(x_WEQD, w, act, gated, matmul, lambda b_E: b_E[:, None]),
                               axes)
-  out_WRD = jax.vmap(lambda out_QD, dest_R: out_QD.at[dest_R].get(mode='fill', fill_value=0))(
-      out_WEQD.reshape(groups, e * slots, d), dest_WR)
-  out_WXMD = out_WRD.reshape(groups, k, per_group, d)
+  gather = lambda buffer, dest_Z: buffer.at[dest_Z].get(mode='fill', fill_value=0)
+  out_WZD = jax.vmap(gather)(out_WEQD.reshape(groups, e * slots, d), dest_WZ)
+  out_WXMD = out_WZD.reshape(groups, k, per_group, d)
   y_WMD = jnp.einsum('WXMD,WMX->WMD', out_WXMD, weights_WMX.astype(out_WXMD.dtype))
-  dropped = jnp.sum((valid_WR & ~keep_WR).astype(jnp.float32))
+  dropped = jnp.sum((valid_WZ & ~keep_WZ).astype(jnp.float32))
   return y_WMD, dropped
 
 

@@ -23,7 +23,7 @@ DEFAULTS = dict(
     position='rope',           # rope | learned | none
     rope_theta=10000.0,
     rope_fraction=1.0,         # partial rotary: rotate the first int(head_dim * fraction) dims
-    rope_interleaved=False,    # pairs (2i, 2i+1) (GPT-J, DeepSeek) instead of rotate-half (i, i+R/2)
+    rope_interleaved=False,    # pairs (2i, 2i+1) (GPT-J, DeepSeek) instead of rotate-half (i, i+dim/2)
     rope_scaling=dict(         # as transformers' rope_scaling / rope_parameters
         kind='none',           # none | linear | llama3 | yarn
         factor=1.0,            # context extension factor (linear, llama3, yarn)
@@ -126,20 +126,24 @@ class Rope:
   scaling: object = None         # config.model.rope_scaling or None
 
   def __call__(self, x_BTNH, positions_BT):
-    inv_freq_h, attention_factor = rope_frequencies(self.dim, self.theta, self.scaling)
-    angle_BTh = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_h)
-    sin_BT1h = (jnp.sin(angle_BTh) * attention_factor)[:, :, None, :]
-    cos_BT1h = (jnp.cos(angle_BTh) * attention_factor)[:, :, None, :]
+    # Angles, sines and cosines span half the rotated features: a slice of the head dim (H),
+    # as are the rotated features and the rest, which pass through.
+    inv_freq_H, attention_factor = rope_frequencies(self.dim, self.theta, self.scaling)
+    angle_BTH = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_H)
+    sin_BT1H = (jnp.sin(angle_BTH) * attention_factor)[:, :, None, :]
+    cos_BT1H = (jnp.cos(angle_BTH) * attention_factor)[:, :, None, :]
     x32_BTNH = x_BTNH.astype(jnp.float32)  # rotations are float32
-    rot_BTNR, rest_BTNP = x32_BTNH[..., :self.dim], x32_BTNH[..., self.dim:]
+    rotated_BTNH, rest_BTNH = x32_BTNH[..., :self.dim], x32_BTNH[..., self.dim:]
     if self.interleaved:
-      x1, x2 = rot_BTNR[..., 0::2], rot_BTNR[..., 1::2]
-      y1, y2 = x1 * cos_BT1h - x2 * sin_BT1h, x2 * cos_BT1h + x1 * sin_BT1h
-      rot_BTNR = jnp.stack([y1, y2], axis=-1).reshape(rot_BTNR.shape)
+      x1_BTNH, x2_BTNH = rotated_BTNH[..., 0::2], rotated_BTNH[..., 1::2]
+      y1_BTNH = x1_BTNH * cos_BT1H - x2_BTNH * sin_BT1H
+      y2_BTNH = x2_BTNH * cos_BT1H + x1_BTNH * sin_BT1H
+      rotated_BTNH = jnp.stack([y1_BTNH, y2_BTNH], axis=-1).reshape(rotated_BTNH.shape)
     else:
-      x1, x2 = rot_BTNR[..., :self.dim // 2], rot_BTNR[..., self.dim // 2:]
-      rot_BTNR = jnp.concatenate([x1 * cos_BT1h - x2 * sin_BT1h, x2 * cos_BT1h + x1 * sin_BT1h], -1)
-    return jnp.concatenate([rot_BTNR, rest_BTNP], -1).astype(x_BTNH.dtype)
+      x1_BTNH, x2_BTNH = rotated_BTNH[..., :self.dim // 2], rotated_BTNH[..., self.dim // 2:]
+      rotated_BTNH = jnp.concatenate([x1_BTNH * cos_BT1H - x2_BTNH * sin_BT1H,
+                                      x2_BTNH * cos_BT1H + x1_BTNH * sin_BT1H], -1)
+    return jnp.concatenate([rotated_BTNH, rest_BTNH], -1).astype(x_BTNH.dtype)
 
 
 def rope_from_config(cfg, head_dim: int) -> Rope:
@@ -173,8 +177,9 @@ def apply_rope(x_BTNH, positions_BT, theta: float = 10000.0, *, fraction: float 
                interleaved: bool = False, scaling=None):
   """Rotates each head's first `fraction` of features by angle position * freq_i.
 
-  Default pairing is rotate-half (x[i], x[i + R/2]) (the Llama / Hugging Face layout);
-  `interleaved` pairs (x[2i], x[2i+1]) and keeps them in place (GPT-J).
+  Default pairing is rotate-half (x[i], x[i + dim/2]) of the `dim` rotated features (the
+  Llama / Hugging Face layout); `interleaved` pairs (x[2i], x[2i+1]) and keeps them in place
+  (GPT-J).
   """
   dim = rotary_dim(x_BTNH.shape[-1], fraction)
   return Rope(dim=dim, theta=theta, interleaved=interleaved, scaling=scaling)(x_BTNH, positions_BT)
