@@ -54,9 +54,10 @@ DEFAULTS = dict(
     remat='none',              # none | full | save_dots | save_dots_no_batch
     dtype='float32',           # compute dtype
     param_dtype='float32',
+    cache_dtype='',            # decode caches' storage (e.g. bfloat16); '': the compute dtype
 )
 # Decoder fields a resumed run may change: how a step computes, not what the parameters are.
-RESUMABLE = ('remat', 'dtype')
+RESUMABLE = ('remat', 'dtype', 'cache_dtype')
 # Decoder fields that only shape training or storage, which Hugging Face interop ignores.
 TRAINING_ONLY = ('name', 'scan_layers', 'param_dtype', 'init_std')
 
@@ -108,8 +109,11 @@ def validate(cfg) -> None:
   if not cfg.head_dim and cfg.d_model % cfg.num_heads:
     raise errors.ConfigError(f'model.d_model={cfg.d_model} is not divisible by '
                              f'model.num_heads={cfg.num_heads}; set model.head_dim')
-  common.dtype_of(cfg.dtype)
-  common.dtype_of(cfg.param_dtype)
+  for field in ('dtype', 'param_dtype', 'cache_dtype'):
+    value = cfg.get(field, '')
+    if (value or field != 'cache_dtype') and value not in common.DTYPES:
+      raise errors.ConfigError(f'model.{field}={value!r} is not one of {sorted(common.DTYPES)}'
+                               + (" (or '': the compute dtype)" if field == 'cache_dtype' else ''))
   for char in sorted(set(cfg.pattern)):
     cls = sublayer_class(cfg, char)
     if cfg.bidirectional and not cls.BIDIRECTIONAL:

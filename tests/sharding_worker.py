@@ -11,6 +11,8 @@ compare the JSON it writes. Tasks:
                collectives (all-reduce, all-gather, reduce-scatter, ... with result shapes)
   tables       parameter PartitionSpecs per family under fsdp_tp; `--write` rewrites
                tests/sharding_tables/<family>.json (how to regenerate the checked-in tables)
+  decode       greedy and sampled generation of `--families` on one device and under each
+               `--cases` preset (the batch over the mesh), for the decoding tests
   train        train_and_evaluate in a workdir (`--workdir --mesh --steps`), for the
                reshardable-checkpoint test; also restores `--restore_step` under this mesh
 
@@ -56,6 +58,7 @@ if __name__ == '__main__':  # before jax is imported
 # pylint: disable=wrong-import-position
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
@@ -246,6 +249,48 @@ def collectives_of(hlo: str) -> list[tuple[str, list[list[int]]]]:
           for types, op in COLLECTIVE.findall(hlo)]
 
 
+def task_decode(args) -> dict:
+  """Greedy and sampled tokens of `--families` decoded on one device and with the batch over
+  the mesh of each `--cases` preset (parameters laid out by its rules, as training lays them)."""
+  from models import decode  # pylint: disable=g-import-not-at-top
+  from models import lm  # pylint: disable=g-import-not-at-top
+  import models  # pylint: disable=g-import-not-at-top
+  from sharding import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from sharding import rules as rules_lib  # pylint: disable=g-import-not-at-top
+  corpus = write_corpus(os.path.join(args.tmp, 'corpus'))
+  rng = np.random.default_rng(0)
+  prompts = [[257] + rng.integers(0, 256, n).tolist() for n in (3, 9, 5, 1, 12, 7, 2, 6)]
+  out = {}
+  for family in args.families.split(','):
+    config = family_config(family, corpus)
+    config.model.vocab_size = 260
+    model = models.build(config.model)
+    dummy = jax.numpy.zeros((1, 8), jax.numpy.int32)
+    boxed = model.init(jax.random.key(0), dummy, positions_BT=dummy, segment_ids_BT=dummy + 1)
+    variables = nn.meta.unbox(boxed)
+    results = {}
+    for preset in ['single'] + args.cases.split(','):
+      kwargs, placed = {}, variables
+      if preset != 'single':
+        mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(MESHES[preset]))
+        rules = rules_lib.get_rules(preset)
+        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+        placed = jax.device_put(variables, shardings)
+        kwargs = dict(mesh=mesh, rules=rules)
+      tokens = {}
+      for name, sampler in (('greedy', decode.Sampler(temperature=0)),
+                            ('top_p', decode.Sampler(top_p=0.9, temperature=1.5))):
+        gen = decode.Generator(model, placed, max_len=48, sampler=sampler, prefill_chunk=16,
+                               steps_per_call=8, **kwargs)
+        tokens[name] = gen.generate(prompts, max_new_tokens=24, seed=5).tokens
+      cache = gen._place({'cache': lm.init_cache(model.cfg, len(prompts), 48)})['cache']  # pylint: disable=protected-access
+      tokens['cache_specs'] = sorted({spec_str(x.sharding) for x in jax.tree.leaves(cache)
+                                      if x.ndim >= 2 and hasattr(x.sharding, 'spec')})
+      results[preset] = tokens
+    out[family] = results
+  return out
+
+
 def task_train(args) -> dict:
   """train_and_evaluate in `--workdir` on this process's mesh; parameters and losses back."""
   corpus = write_corpus(os.path.join(args.tmp, 'corpus'))
@@ -277,7 +322,7 @@ def task_train(args) -> dict:
   return out
 
 
-TASKS = {'steps': task_steps, 'tables': task_tables, 'train': task_train}
+TASKS = {'steps': task_steps, 'tables': task_tables, 'train': task_train, 'decode': task_decode}
 
 
 def main():

@@ -162,3 +162,84 @@ def test_refusals_are_one_line(llama):
     gen.generate([[257], []], max_new_tokens=1)
   with pytest.raises(ValueError, match='outside the vocabulary of 260'):
     gen.generate([[300]], max_new_tokens=1)
+
+
+# Every preset (runlocal size), windows shrunk so 20 tokens wrap a ring several times; MoE in
+# dense dispatch for the full forward (decoding routes every token, as dense does).
+PRESETS = {'gpt2_tiny': {}, 'gpt2_small': {}, 'llama_tiny': {}, 'llama_small': {},
+           'qwen3_tiny': {}, 'olmo3_tiny': {'attention.window': 4},
+           'gpt_oss_tiny': {'attention.window': 3},
+           'deepseek_v3_tiny': {'pattern': 'WFAE', 'attention.window': 5}}
+
+
+def test_prefill_then_decode_equals_the_full_forward_for_every_preset():
+  """Full-forward logits == prefill of k tokens, then one token a step (<= 1e-4 float32), for
+  k = 0, a prompt ending at the window boundary and one past it, in every preset (`A`, `W`
+  rings wrapped several times, sinks, MLA's latent cache, MoE with capacity dispatch)."""
+  from models import lm  # pylint: disable=g-import-not-at-top
+  from tests.conftest import packed_batch  # pylint: disable=g-import-not-at-top
+  b, t = 2, 20
+  for preset, fields in PRESETS.items():
+    cfg = tiny_model_config(preset, **fields)
+    model = models.build(cfg)
+    reference = models.build(tiny_model_config(preset, **dict(fields, **{'moe.dispatch': 'dense'})))
+    tokens_BT, pos_BT, seg_BT = packed_batch(jax.random.key(1), b, t, 260, num_segments=1)
+    variables = nn.meta.unbox(model.init(jax.random.key(0), tokens_BT, positions_BT=pos_BT,
+                                         segment_ids_BT=seg_BT))
+    full_BTV = reference.apply(variables, tokens_BT, positions_BT=pos_BT, segment_ids_BT=seg_BT)[0]
+    apply = jax.jit(lambda x, p, s, c, m=model, v=variables: m.apply(
+        v, x, positions_BT=p, segment_ids_BT=s, cache=c))
+    window = cfg.attention.window if 'W' in cfg.pattern else 6
+    for k in (0, window, window + 1):
+      cache = lm.init_cache(model.cfg, b, t)
+      outs = []
+      if k:
+        out_BTV, _, cache = apply(tokens_BT[:, :k], pos_BT[:, :k], seg_BT[:, :k], cache)
+        outs.append(out_BTV)
+      for i in range(k, t):
+        out_BTV, _, cache = apply(tokens_BT[:, i:i + 1], pos_BT[:, i:i + 1], seg_BT[:, i:i + 1],
+                                  cache)
+        outs.append(out_BTV)
+      got_BTV = jnp.concatenate(outs, 1)
+      err = float(jnp.max(jnp.abs(got_BTV - full_BTV)))
+      assert err <= 1e-4, f'{preset}: prefill {k} + decode differs by {err:.2e}'
+
+
+def test_window_caches_are_rings_of_window_slots_and_can_be_bfloat16():
+  from models import lm  # pylint: disable=g-import-not-at-top
+  cfg = tiny_model_config('gpt_oss_tiny', **{'attention.window': 8})
+  sizes = lambda c, n: {k: v['k_BSKH'].shape[1] for k, v in lm.init_cache(c, 1, n)['block_0'].items()
+                        if 'k_BSKH' in v}
+  assert sizes(cfg, 64) == {'0W': 8, '2A': 64} and sizes(cfg, 4096) == {'0W': 8, '2A': 4096}
+  mla = tiny_model_config('deepseek_v3_tiny', pattern='WFAE', **{'attention.window': 5})
+  caches = lm.init_cache(mla, 1, 100)['block_0']
+  assert caches['0W']['c_BSR'].shape[1] == 5 and caches['2A']['c_BSR'].shape[1] == 100
+  low = tiny_model_config('llama_tiny', cache_dtype='bfloat16')
+  assert {x.dtype for x in jax.tree.leaves(lm.init_cache(low, 1, 8)) if x.ndim > 2} == {
+      jnp.dtype('bfloat16')}
+  with pytest.raises(ValueError, match=r"model.cache_dtype='fp8' is not one of"):
+    models.build(tiny_model_config('llama_tiny', cache_dtype='fp8'))
+  # bfloat16 storage, float32 compute: greedy tokens of a short generation agree, logits close.
+  model, low_model = models.build(tiny_model_config('llama_tiny')), models.build(low)
+  dummy = jnp.zeros((1, 8), jnp.int32)
+  variables = nn.meta.unbox(model.init(jax.random.key(0), dummy, positions_BT=dummy,
+                                       segment_ids_BT=dummy + 1))
+  prompt = [[257, 3, 4, 5, 6, 7]]
+  outs = [decode.Generator(m, variables, max_len=24, sampler=decode.Sampler(temperature=0),
+                           prefill_chunk=8).generate(prompt, max_new_tokens=8).tokens
+          for m in (model, low_model)]
+  assert outs[0] == outs[1]
+
+
+def test_decoding_with_the_batch_over_a_mesh_equals_one_device():
+  """8 forced CPU devices (one subprocess): the batch over `data` (dp) and over fsdp with the
+  parameters sharded by tensor (fsdp_tp) decode the tokens one device decodes, greedy and
+  sampled with a seed; deepseek_v3 (MLA's latent cache, MoE routing every token)."""
+  from tests import sharding_worker  # pylint: disable=g-import-not-at-top
+  got = sharding_worker.run('decode', '--families=deepseek_v3', '--cases=dp,fsdp_tp')
+  for family, results in got.items():
+    for preset in ('dp', 'fsdp_tp'):
+      for kind in ('greedy', 'top_p'):
+        assert results[preset][kind] == results['single'][kind], (family, preset, kind)
+    assert any("'data'" in spec for spec in results['dp']['cache_specs']), results['dp']
+    assert any("'fsdp'" in spec for spec in results['fsdp_tp']['cache_specs'])

@@ -8,7 +8,8 @@ the implementation (`impl`). Logits, softmax, sinks and gates are float32.
 
 `attend` is the part every attention kind shares (mask, window, sinks, implementation,
 causal query blocks); MLA (`models/layers/mla.py`, `attention.kind='mla'`) uses it too.
-`W` keeps the full-length KV cache for now; the window is applied by the mask.
+Decoding caches keys and values per kv head (`cache_write`): the whole generation for `A`,
+a ring of `window` slots for `W`, stored in `model.cache_dtype` (default: the compute dtype).
 """
 
 from __future__ import annotations
@@ -235,13 +236,42 @@ def attend(cfg, q_BTNH, k_BSKH, v_BSKH, *, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_B
   return fn(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, sinks_N=sinks_N)
 
 
-def update_cache(cache: dict, new: dict, length: int) -> dict:
-  """Writes each `new[name]` (B, T, ...) at `cache['index']` along axis 1; index += T."""
+def cache_write(cache: dict, new: dict, window: int = 0) -> tuple[dict, dict]:
+  """(what the queries attend to, the updated cache) after writing `new[name]` (B, T, ...).
+
+  A full cache (`window=0`, as long as the generation) takes the T entries at
+  `cache['index']` along axis 1, and the queries attend to the whole cache. A window's cache
+  is a ring of `window` slots (or fewer, when the generation is shorter): entry j of the
+  sequence lives in slot j % window, so its memory does not grow with the generated length.
+  The queries attend to the ring as it was followed by the T new entries (the mask keeps
+  what each query may see: same segment, fewer than `window` positions back), and the ring
+  keeps the last min(T, window) of them. `index` counts the entries written.
+  """
   i = cache['index']
-  out = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], value.astype(cache[name].dtype), i, 1)
-         for name, value in new.items()}
-  out['index'] = i + length
-  return out
+  t = next(iter(new.values())).shape[1]
+  cast = {name: value.astype(cache[name].dtype) for name, value in new.items()}
+  if not window:
+    out = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], value, i, 1)
+           for name, value in cast.items()}
+    out['index'] = i + t
+    return out, out
+  slots = cache[next(iter(new))].shape[1]
+  keep = min(t, slots)
+  slot_S = (i + t - keep + jnp.arange(keep)) % slots  # distinct slots for the last `keep`
+  seen = {name: jnp.concatenate([cache[name], value], axis=1) for name, value in cast.items()}
+  out = {name: cache[name].at[:, slot_S].set(value[:, t - keep:]) for name, value in cast.items()}
+  out['index'] = i + t
+  return seen, out
+
+
+def cache_length(cls, cfg, max_len: int) -> int:
+  """Slots of a decode cache: the generation's length, or the window (a ring) for `W`."""
+  return min(cfg.attention.window, max_len) if cls.windowed else max_len
+
+
+def cache_dtype(cfg):
+  """The decode cache's storage dtype: `model.cache_dtype`, else the compute dtype."""
+  return common.dtype_of(cfg.get('cache_dtype') or cfg.dtype)
 
 
 def output_gate(module, cfg, x_BTD, out_BTNH):
@@ -376,13 +406,14 @@ class Attention(AttentionBase):
 
   @classmethod
   def init_cache(cls, cfg, batch: int, max_len: int):
-    k, h = cfg.num_kv_heads, head_dim(cfg)
-    dtype = common.dtype_of(cfg.dtype)
+    """Keys and values of the kv heads, their positions and segments; a ring for `W`."""
+    k, h, s = cfg.num_kv_heads, head_dim(cfg), cache_length(cls, cfg, max_len)
+    dtype = cache_dtype(cfg)
     return {
-        'k_BSKH': jnp.zeros((batch, max_len, k, h), dtype),
-        'v_BSKH': jnp.zeros((batch, max_len, k, h), dtype),
-        'pos_BS': jnp.zeros((batch, max_len), jnp.int32),
-        'seg_BS': jnp.zeros((batch, max_len), jnp.int32),
+        'k_BSKH': jnp.zeros((batch, s, k, h), dtype),
+        'v_BSKH': jnp.zeros((batch, s, k, h), dtype),
+        'pos_BS': jnp.zeros((batch, s), jnp.int32),
+        'seg_BS': jnp.zeros((batch, s), jnp.int32),
         'index': jnp.zeros((), jnp.int32),
     }
 
@@ -426,10 +457,11 @@ class Attention(AttentionBase):
     if cache is None:
       k_BSKH, v_BSKH, k_pos_BS, k_seg_BS = k_BTKH, v_BTKH, positions_BT, segment_ids_BT
     else:
-      cache = update_cache(cache, {'k_BSKH': k_BTKH, 'v_BSKH': v_BTKH, 'pos_BS': positions_BT,
-                                   'seg_BS': segment_ids_BT}, x_BTD.shape[1])
-      k_BSKH, v_BSKH = cache['k_BSKH'], cache['v_BSKH']
-      k_pos_BS, k_seg_BS = cache['pos_BS'], cache['seg_BS']
+      seen, cache = cache_write(cache, {'k_BSKH': k_BTKH, 'v_BSKH': v_BTKH,
+                                        'pos_BS': positions_BT, 'seg_BS': segment_ids_BT},
+                                self.window(cfg))
+      k_BSKH, v_BSKH = seen['k_BSKH'].astype(dtype), seen['v_BSKH'].astype(dtype)
+      k_pos_BS, k_seg_BS = seen['pos_BS'], seen['seg_BS']
 
     sinks_N = None
     if cfg.attention.sinks:

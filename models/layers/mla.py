@@ -98,13 +98,15 @@ class MLAttention(attention.AttentionBase):
 
   @classmethod
   def init_cache(cls, cfg, batch: int, max_len: int):
+    """The latent c and the rotated RoPE key per token (a ring for `W`): (kv_rank + rope)
+    numbers a token, whatever the number of heads."""
     _, kv_rank, _, rope, _ = dims(cfg)
-    dtype = common.dtype_of(cfg.dtype)
+    s, dtype = attention.cache_length(cls, cfg, max_len), attention.cache_dtype(cfg)
     return {
-        'c_BSR': jnp.zeros((batch, max_len, kv_rank), dtype),
-        'k_rope_BSH': jnp.zeros((batch, max_len, rope), dtype),
-        'pos_BS': jnp.zeros((batch, max_len), jnp.int32),
-        'seg_BS': jnp.zeros((batch, max_len), jnp.int32),
+        'c_BSR': jnp.zeros((batch, s, kv_rank), dtype),
+        'k_rope_BSH': jnp.zeros((batch, s, rope), dtype),
+        'pos_BS': jnp.zeros((batch, s), jnp.int32),
+        'seg_BS': jnp.zeros((batch, s), jnp.int32),
         'index': jnp.zeros((), jnp.int32),
     }
 
@@ -167,9 +169,10 @@ class MLAttention(attention.AttentionBase):
                                   q_seg_BT=segment_ids_BT, k_pos_BS=positions_BT,
                                   k_seg_BS=segment_ids_BT, blocked=True, **shared)
     else:  # absorbed form over the latent cache: MQA with [c, k_rope] keys and c values
-      cache = new = attention.update_cache(
+      new, cache = attention.cache_write(
           cache, {'c_BSR': c_BTR, 'k_rope_BSH': k_rope_BTH, 'pos_BS': positions_BT,
-                  'seg_BS': segment_ids_BT}, x_BTD.shape[1])
+                  'seg_BS': segment_ids_BT}, self.window(cfg))
+      new = dict(new, c_BSR=new['c_BSR'].astype(dtype), k_rope_BSH=new['k_rope_BSH'].astype(dtype))
       q_lat_BTNR = jnp.einsum('BTNH,RNH->BTNR', q_nope_BTNH, w_k_RNH)
       q_BTNH = jnp.concatenate([q_lat_BTNR, q_rope_BTNH.astype(q_lat_BTNR.dtype)], -1)
       k_BS1H = jnp.concatenate([new['c_BSR'], new['k_rope_BSH']], -1)[:, :, None]

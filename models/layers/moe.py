@@ -16,7 +16,8 @@ Dispatch (`model.moe.dispatch`):
             costs E times the useful work; TPU and GPU have grouped-matmul kernels);
   capacity  each expert takes at most ceil(capacity_factor * tokens * k / E) slots into an
             E x Q buffer (first choices before second choices, then token order); overflow is
-            dropped (its output is zero) and counted in `moe/dropped_fraction`. The tokens
+            dropped (its output is zero) and counted in `moe/dropped_fraction` (decoding, with
+            a cache, gives every expert room for all tokens: nothing drops). The tokens
             share one buffer per batch row (`moe.capacity_group='row'`, MaxText's and
             GShard's grouping: no token leaves its data shard, and which tokens drop does
             not depend on the batch or the mesh) or one for the whole batch ('batch');
@@ -384,7 +385,8 @@ class Moe(sublayer.Sublayer):
       y_WMD, dropped = dispatch_capacity(
           x_TD.reshape(groups, -1, d), weights_TX.reshape(groups, -1, k),
           experts_TX.reshape(groups, -1, k), valid_T.reshape(groups, -1), w, act, gated,
-          capacity(m, b * t // groups))
+          # Decoding (a cache given) routes every token: room for all of them.
+          b * t // groups if cache is not None else capacity(m, b * t // groups))
       y_TD = y_WMD.reshape(b * t, d)
     else:
       y_TD, dropped = dispatch_dense(x_TD, weights_TX, experts_TX, valid_T, w, act, gated)
