@@ -32,7 +32,9 @@ from trainer import state as state_lib
 
 _FROM = flags.DEFINE_string('from', None, 'hf:/dir or archlab:/workdir to read.')
 _TO = flags.DEFINE_string('to', None, 'archlab:/dir or hf:/dir to write.')
-_STEP = flags.DEFINE_integer('step', None, 'archlab source: the checkpoint step (default latest).')
+# experiments.sample defines the same --step; a process importing both (tests) shares it.
+_STEP = (flags.FLAGS['step'] if 'step' in flags.FLAGS else
+         flags.DEFINE_integer('step', None, 'archlab source: the checkpoint step (default latest).'))
 _SCAN = flags.DEFINE_bool('scan_layers', True, 'archlab destination: store layers stacked '
                           '(model.scan_layers), as the trainer does for that config.')
 _MODEL_TYPE = flags.DEFINE_string('model_type', None, 'hf destination: the family (default: '

@@ -37,7 +37,9 @@ from models.hf import files as hf_files
 from trainer import checkpoint
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A training run\'s directory.')
-_STEP = flags.DEFINE_integer('step', None, 'The checkpoint step (default: the latest).')
+# experiments.convert defines the same --step; a process importing both (tests) shares it.
+_STEP = (flags.FLAGS['step'] if 'step' in flags.FLAGS else
+         flags.DEFINE_integer('step', None, 'The checkpoint step (default: the latest).'))
 _HF = flags.DEFINE_string('hf', None, 'A Hugging Face checkpoint directory (instead of --workdir).')
 _PROMPT = flags.DEFINE_string('prompt', None, 'One prompt.')
 _PROMPTS_FILE = flags.DEFINE_string('prompts_file', None, 'Prompts: one per line, or JSONL with '

@@ -142,13 +142,19 @@ def model_size(module, architecture: str, overrides: dict, seq_len: int) -> tupl
   config = _configured(module, architecture, overrides, f'architecture {architecture!r}')
   config.model.max_len = seq_len
   config.model.vocab_size = config.model.vocab_size or 260  # the byte tokenizer's
-  model = models.build(config.model)
-  dummy = jnp.zeros((1, 8), jnp.int32)
-  params = nn.meta.unbox(jax.eval_shape(lambda: model.init(
-      jax.random.key(0), dummy, positions_BT=dummy, segment_ids_BT=dummy + 1))['params'])
-  counts = flops_lib.count_params(params)
-  return (counts['params'], counts['params_non_embedding'],
-          flops_lib.train_flops_per_token(model.cfg, seq_len))
+  key = (config.model.to_json(), seq_len)
+  if key not in _SIZES:  # a ladder is planned once per budget and often again (dry runs, tests)
+    model = models.build(config.model)
+    dummy = jnp.zeros((1, 8), jnp.int32)
+    params = nn.meta.unbox(jax.eval_shape(lambda: model.init(
+        jax.random.key(0), dummy, positions_BT=dummy, segment_ids_BT=dummy + 1))['params'])
+    counts = flops_lib.count_params(params)
+    _SIZES[key] = (counts['params'], counts['params_non_embedding'],
+                   flops_lib.train_flops_per_token(model.cfg, seq_len))
+  return _SIZES[key]
+
+
+_SIZES: dict = {}  # (model config JSON, seq_len) -> model_size
 
 
 def plan(module, sweep, sweep_dir: str) -> list[Run]:

@@ -118,7 +118,7 @@ def test_sample_command_on_a_hugging_face_checkpoint(tmp_path):
   config, params = hf.import_hf(path)
   gen = decode.Generator(models.build(config.model), {'params': params}, max_len=76,
                          sampler=decode.Sampler(temperature=0), stop_ids=(tok.eos_id,),
-                         pad_id=tok.pad_id)
+                         pad_id=tok.pad_id, prefill_chunk=64)
   assert gen.generate([[tok.bos_id] + tok.encode('def f(x):')], max_new_tokens=12).tokens[0] == (
       row['tokens'])
   proc = subprocess.run(cmd[:5] + ['--max_new_tokens=100', '--max_len=64'], capture_output=True,

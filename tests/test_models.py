@@ -195,34 +195,5 @@ def test_split_pattern():
   assert lm.split_pattern('A') == ('A', 1)
 
 
-@pytest.mark.parametrize('preset', ['qwen3_tiny', 'olmo3_tiny', 'gpt_oss_tiny', 'deepseek_v3_tiny'])
-def test_family_presets_train_and_decode(preset):
-  # Dense dispatch: capacity dispatch may drop different tokens in a 1-token decode step.
-  config = tiny_model_config(preset, **{'moe.dispatch': 'dense'})
-  model = models.build(config)
-  b, t = 2, 12
-  tokens_BT = jax.random.randint(jax.random.key(4), (b, t), 0, 260)
-  pos_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
-  seg_BT = jnp.ones((b, t), jnp.int32)
-  variables = nn.meta.unbox(model.init(jax.random.key(0), tokens_BT, positions_BT=pos_BT,
-                                       segment_ids_BT=seg_BT))
-  others = {k: v for k, v in variables.items() if k != 'params'}
-
-  def loss(params):
-    logits_BTV, _, _ = model.apply({'params': params, **others}, tokens_BT, positions_BT=pos_BT,
-                                segment_ids_BT=seg_BT)
-    return jnp.mean(jax.nn.logsumexp(logits_BTV, -1)), logits_BTV
-
-  (value, full_BTV), grads = jax.value_and_grad(loss, has_aux=True)(variables['params'])
-  assert np.isfinite(float(value))
-  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
-  cache = lm.init_cache(model.cfg, b, t)
-  outs = []
-  out_BTV, _, cache = model.apply({**variables}, tokens_BT[:, :4], positions_BT=pos_BT[:, :4],
-                             segment_ids_BT=seg_BT[:, :4], cache=cache)
-  outs.append(out_BTV)
-  for i in range(4, t):
-    out_BTV, _, cache = model.apply({**variables}, tokens_BT[:, i:i + 1], positions_BT=pos_BT[:, i:i + 1],
-                               segment_ids_BT=seg_BT[:, i:i + 1], cache=cache)
-    outs.append(out_BTV)
-  np.testing.assert_allclose(jnp.concatenate(outs, 1), full_BTV, atol=1e-5, rtol=1e-5)
+# Every preset's prefill + decode: tests/test_decode.py; its training step under every sharding
+# preset: tests/test_sharding.py.

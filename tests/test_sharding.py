@@ -16,6 +16,9 @@ from sharding import rules
 from tests import sharding_worker
 from trainer import step as step_lib
 
+# One worker runs the whole module: its `steps` fixture (one 8-device subprocess) runs once.
+pytestmark = pytest.mark.xdist_group('sharding')
+
 FAMILIES = sorted(sharding_worker.FAMILIES)
 MOE = ('gpt_oss', 'deepseek_v3', 'deepseek_v3_dropless')
 REGENERATE = ('regenerate with `python -m tests.sharding_worker tables --write` and review the '

@@ -28,9 +28,9 @@ def test_quick_plan_has_the_stated_grid_centred_on_the_optimum(tmp_path):
     assert f'--workdir={tmp_path}/runs/{r.name}' in r.command
   # cpu_small: 5 sizes per budget around sqrt(C / (6 x 80)) parameters, strictly inside.
   sweep = arch_compare.get_config('preset=cpu_small')
+  runs = sweep_lib.plan(arch_compare, sweep, str(tmp_path))
   for budget in sweep.budgets:
-    sizes = sorted(r.params for r in sweep_lib.plan(arch_compare, sweep, str(tmp_path))
-                   if r.budget == budget and r.architecture == 'llama')
+    sizes = sorted(r.params for r in runs if r.budget == budget and r.architecture == 'llama')
     assert len(sizes) == 5
     assert sweep.tokens_per_param == 80.0
     assert sizes[0] < math.sqrt(budget / (6 * 80)) < sizes[-1]
