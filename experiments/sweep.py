@@ -302,16 +302,6 @@ def _main():
     sys.exit(1)
 
 
-def _parse_flags(argv):
-  """absl's flag parsing, with a bad flag or a sweep file that fails to load in one line."""
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    if os.environ.get('ARCHLAB_DEBUG'):
-      raise
-    sys.exit(f'sweep: error: {errors.flag_error_line(e, argv)}')
-
-
 def _where(module) -> str:
   """How an error names a sweep module: its file, else its name."""
   return getattr(module, '__file__', None) or getattr(module, '__name__', None) or repr(module)
@@ -351,4 +341,4 @@ def _load_config(path: str, arg: str):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=errors.flags_parser('sweep'))

@@ -315,20 +315,7 @@ def main(argv=None) -> None:
         raise
       sys.exit(f'sharding.aot: error: {str(e).strip().splitlines()[0]}')
 
-  app.run(run, argv=argv, flags_parser=_parse_flags)
-
-
-def _parse_flags(argv):
-  """absl's flag parsing, with a bad flag or config field reported in one line."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  try:
-    return flags.FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    if os.environ.get('ARCHLAB_DEBUG'):
-      raise
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    message = lines[0] if len(lines) <= 1 else f'{lines[0].split(": ")[0]}: {lines[-1]}'
-    sys.exit(f'sharding.aot: error: {message}')
+  app.run(run, argv=argv, flags_parser=errors.flags_parser('sharding.aot'))
 
 
 if __name__ == '__main__':
