@@ -20,7 +20,7 @@ block's queries are `T`, its keys `S`.
     H head dim (of queries and keys, or of values where they differ, as in MLA)
     R latent rank (MLA's kv_rank and q_rank)
   MLP and MoE:
-    F MLP hidden
+    F MLP hidden (also a mixer's projected channels, as its short convolution sees them)
     E experts
     X routed choices per token (top-k)
     Z routed slots (X x tokens)

@@ -8,14 +8,14 @@ import torch
 from models.layers import short_conv
 
 
-def torch_conv(x_TC, kernel_KC, bias_C):
+def torch_conv(x_TF, kernel_SF, bias_F):
   """PyTorch's Conv1d(groups=C, padding=K-1), cut to the causal T outputs."""
-  t, c = x_TC.shape
-  conv = torch.nn.Conv1d(c, c, kernel_KC.shape[0], groups=c, padding=kernel_KC.shape[0] - 1)
+  t, c = x_TF.shape
+  conv = torch.nn.Conv1d(c, c, kernel_SF.shape[0], groups=c, padding=kernel_SF.shape[0] - 1)
   with torch.no_grad():
-    conv.weight.copy_(torch.tensor(kernel_KC.T[:, None, :]))
-    conv.bias.copy_(torch.tensor(bias_C))
-    return conv(torch.tensor(x_TC.T[None]))[0, :, :t].numpy().T
+    conv.weight.copy_(torch.tensor(kernel_SF.T[:, None, :]))
+    conv.bias.copy_(torch.tensor(bias_F))
+    return conv(torch.tensor(x_TF.T[None]))[0, :, :t].numpy().T
 
 
 def test_packed_rows_equal_each_document_alone_and_chunks_equal_the_whole():
@@ -37,13 +37,13 @@ def test_packed_rows_equal_each_document_alone_and_chunks_equal_the_whole():
 
   # chunks of 4, 1, 1, 5 through the cache equal the whole row
   cache = short_conv.init_cache(b, k, c, jnp.float32)
-  assert cache['x_BSC'].shape == (b, k - 1, c)
+  assert cache['x_BSF'].shape == (b, k - 1, c)
   outs, start = [], 0
   for size in (4, 1, 1, 5):
     y_chunk, cache = short_conv.causal_conv(
         jnp.asarray(x[:, start:start + size]), jnp.asarray(kernel), jnp.asarray(bias),
         segment_ids_BT=jnp.asarray(segments[:, start:start + size]), cache=cache)
-    assert cache['x_BSC'].shape == (b, k - 1, c)  # constant size
+    assert cache['x_BSF'].shape == (b, k - 1, c)  # constant size
     outs.append(np.asarray(y_chunk))
     start += size
   np.testing.assert_allclose(np.concatenate(outs, axis=1), np.asarray(y), atol=1e-6)
