@@ -40,7 +40,7 @@ def causal_conv(x_BTF, kernel_SF, bias_F, *, segment_ids_BT, cache=None):
   else:
     past_BSF, past_segment_BS = cache['x_BSF'], cache['segment_BS']
   segment_ids_BT = segment_ids_BT.astype(jnp.int32)
-  seen_BSF = jnp.concatenate([past_BSF.astype(x_BTF.dtype), x_BTF], axis=1)  # the history, then the call
+  seen_BSF = jnp.concatenate([past_BSF.astype(x_BTF.dtype), x_BTF], axis=1)  # history, call
   seen_segment_BS = jnp.concatenate([past_segment_BS, segment_ids_BT], axis=1)
   y_BTF = jnp.zeros((b, t, f), jnp.float32)
   if bias_F is not None:
