@@ -1,15 +1,27 @@
 """Test set-up: CPU only, a private data cache, and small helpers shared by test files."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Every process of the suite (xdist workers, and the train.py / sweep / worker subprocesses
+# the tests start, which inherit the environment) compiles without XLA's slow optimisation
+# passes and shares one persistent compilation cache for the run: a step compiled by one test
+# is loaded, not compiled again, by the next test or subprocess that builds the same program.
+# The cache is made by the first process (the xdist controller) and removed when it ends.
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+_OWN_COMPILATION_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
+if _OWN_COMPILATION_CACHE:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='archlab-test-xla-cache-')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.3')
 # scipy >= 1.15's L-BFGS-B makes many tiny OpenBLAS calls that OpenBLAS's threads slow ~10x on
 # a busy 2-core machine (scipy issue 22438); read when scipy loads OpenBLAS, so set it first.
 os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
 import jax  # noqa: E402
-jax.config.update("jax_disable_most_optimizations", True)
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import ml_collections  # noqa: E402
@@ -25,6 +37,12 @@ def _private_cache(tmp_path_factory):
   os.environ['ARCHLAB_CACHE'] = str(tmp_path_factory.mktemp('archlab_cache'))
 
 
+def pytest_unconfigure(config):
+  del config
+  if _OWN_COMPILATION_CACHE:
+    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+
+
 def tiny_model_config(preset='llama_tiny', **overrides):
   """A runlocal preset's model config with the byte vocabulary, fields overridden."""
   config = transformer.get_config(f'preset={preset},runlocal').model
@@ -32,6 +50,32 @@ def tiny_model_config(preset='llama_tiny', **overrides):
   for key, value in overrides.items():
     common.set_field(config, key, value)
   return config
+
+
+def pairwise(factors: dict[str, list], candidates: int = 50) -> list[dict]:
+  """Rows (one level per factor) covering every pair of levels of two factors.
+
+  AETG-style: each row is the best of `candidates` seeded random completions of the first
+  uncovered pair, so the sweep stays near the minimum (the product of the two largest
+  factors' level counts) and is the same on every run.
+  """
+  names = list(factors)
+  rng = np.random.default_rng(0)
+  uncovered = {(a, i, b, j) for n, a in enumerate(names) for b in names[n + 1:]
+               for i in range(len(factors[a])) for j in range(len(factors[b]))}
+
+  def pairs(row):
+    return {(a, row[a], b, row[b]) for n, a in enumerate(names) for b in names[n + 1:]}
+
+  rows = []
+  while uncovered:
+    a, i, b, j = min(uncovered)
+    options = [{**{n: int(rng.integers(len(factors[n]))) for n in names}, a: i, b: j}
+               for _ in range(candidates)]
+    row = max(options, key=lambda r: len(pairs(r) & uncovered))
+    uncovered -= pairs(row)
+    rows.append({name: factors[name][row[name]] for name in names})
+  return rows
 
 
 def packed_batch(rng, batch, length, vocab, num_segments=2):

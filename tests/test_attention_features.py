@@ -22,7 +22,7 @@ from models.layers import mla
 from models.layers import mlp
 from models.layers import norms
 from models.layers import positions
-from tests.conftest import packed_batch, tiny_model_config
+from tests.conftest import packed_batch, pairwise, tiny_model_config
 
 VOCAB = 260
 SMALL_MLA = {'attention.mla.kv_rank': 16, 'attention.mla.nope_head_dim': 8,
@@ -39,32 +39,6 @@ def build(config, tokens_BT, pos_BT, seg_BT, seed=0):
 def forward(model, params, tokens_BT, pos_BT, seg_BT):
   apply = jax.jit(lambda q, x, p, s: model.apply({'params': q}, x, positions_BT=p, segment_ids_BT=s)[0])
   return apply(params, tokens_BT, pos_BT, seg_BT)
-
-
-def pairwise(factors: dict[str, list], candidates: int = 50) -> list[dict]:
-  """Rows (one level per factor) covering every pair of levels of two factors.
-
-  AETG-style: each row is the best of `candidates` seeded random completions of the first
-  uncovered pair, so the sweep stays near the minimum (the product of the two largest
-  factors' level counts) and is the same on every run.
-  """
-  names = list(factors)
-  rng = np.random.default_rng(0)
-  uncovered = {(a, i, b, j) for n, a in enumerate(names) for b in names[n + 1:]
-               for i in range(len(factors[a])) for j in range(len(factors[b]))}
-
-  def pairs(row):
-    return {(a, row[a], b, row[b]) for n, a in enumerate(names) for b in names[n + 1:]}
-
-  rows = []
-  while uncovered:
-    a, i, b, j = min(uncovered)
-    options = [{**{n: int(rng.integers(len(factors[n]))) for n in names}, a: i, b: j}
-               for _ in range(candidates)]
-    row = max(options, key=lambda r: len(pairs(r) & uncovered))
-    uncovered -= pairs(row)
-    rows.append({name: factors[name][row[name]] for name in names})
-  return rows
 
 
 FACTORS = {

@@ -1,6 +1,5 @@
 """Model tests: option sweep, references for attention and RoPE, decode and packing consistency."""
 
-import itertools
 
 import flax
 import flax.linen as nn
@@ -13,7 +12,7 @@ import models
 from models import lm
 from models.layers import attention
 from models.layers import positions
-from tests.conftest import packed_batch, tiny_model_config
+from tests.conftest import packed_batch, pairwise, tiny_model_config
 
 
 def init_and_apply(config, tokens_BT, positions_BT, segment_ids_BT, seed=0):
@@ -26,12 +25,13 @@ def init_and_apply(config, tokens_BT, positions_BT, segment_ids_BT, seed=0):
   return model, params, logits_BTV, aux
 
 
-SWEEP = list(itertools.product(
-    ['gpt2_tiny', 'llama_tiny'], [True, False], ['rope', 'learned', 'none'],
-    ['rmsnorm', 'layernorm'], ['swiglu', 'gelu', 'relu2']))
+# Every pair of levels of two options in some row (tests/conftest.pairwise): 9 rows, not 72.
+SWEEP = [tuple(row.values()) for row in pairwise(dict(
+    preset=['gpt2_tiny', 'llama_tiny'], scan=[True, False], position=['rope', 'learned', 'none'],
+    norm=['rmsnorm', 'layernorm'], activation=['swiglu', 'gelu', 'relu2']))]
 
 
-@pytest.mark.parametrize('preset,scan,position,norm,activation', SWEEP[::3])
+@pytest.mark.parametrize('preset,scan,position,norm,activation', SWEEP)
 def test_option_sweep_shapes_finite_and_gradients(preset, scan, position, norm, activation):
   config = tiny_model_config(preset, scan_layers=scan, position=position, norm=norm,
                              mlp_activation=activation)

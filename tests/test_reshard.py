@@ -11,6 +11,9 @@ import pytest
 
 from tests import sharding_worker
 
+# One worker runs the module, so the module fixture's 8-device runs happen once.
+pytestmark = pytest.mark.xdist_group('reshard')
+
 FSDP8 = dict(data=1, fsdp=8, tensor=1, expert=1)
 FSDP2_TP4 = dict(data=1, fsdp=2, tensor=4, expert=1)
 ONE = dict(data=1, fsdp=1, tensor=1, expert=1)
