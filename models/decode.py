@@ -14,7 +14,9 @@ of one compiled function (memory bounded by chunk x cache length, whatever the p
 length, and one compilation for every prompt length). After the prefill,
 `steps_per_call` tokens are decoded per call of one jitted function (a `lax.scan`), so the
 host can stream text and stop early without recompiling; `max_len` (the cache length) is
-fixed when the Generator is made.
+fixed when the Generator is made. A model trained with `scan_layers` decodes with its layers
+unrolled (`lm.unrolled`, the same function; `unroll_layers=False` keeps the scan): XLA's CPU
+loop copies each layer's slice of the stacked weights and cache every step.
 
 Sampling (`Sampler`), in the order transformers applies it: repetition penalty over the
 prompt and the tokens generated so far (a positive logit divided by the penalty, a negative
@@ -43,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import errors
+import models
 from models import lm
 
 
@@ -158,7 +161,10 @@ class Generator:
 
   def __init__(self, model, variables, *, max_len: int, sampler: Sampler = Sampler(),
                stop_ids: Sequence[int] = (), pad_id: int = 0, steps_per_call: int = 8,
-               prefill_chunk: int = 128, mesh=None, rules=()):
+               prefill_chunk: int = 128, mesh=None, rules=(), unroll_layers: bool = True):
+    if unroll_layers and getattr(model.cfg, 'scan_layers', False):
+      cfg, variables = lm.unrolled(model.cfg, variables)
+      model = models.build(cfg)
     cfg = model.cfg
     if max_len <= 0:
       raise errors.ConfigError(f'max_len={max_len} must be positive')

@@ -244,6 +244,29 @@ def init_cache(model_config, batch: int, max_len: int):
   return {f'block_{r}': one for r in range(repeats)}
 
 
+def unrolled(model_config, variables):
+  """(config, variables) of the same function with its layers unrolled (`scan_layers=False`):
+  a scanned stack's variables (leading layer axis under `blocks`) split into `block_<r>`.
+
+  Decoding uses it: XLA's CPU loop over scanned layers copies each layer's slice of the
+  stacked weights and cache every step, which halves decode speed at llama_small's size.
+  """
+  _, repeats = split_pattern(model_config.pattern)
+  if not (model_config.scan_layers and repeats > 1):
+    return model_config, variables
+  cfg = ml_collections.ConfigDict(model_config.to_dict())
+  cfg.scan_layers = False
+
+  def split(collection):
+    collection = dict(collection)
+    stacked = collection.pop('blocks', None)
+    for r in range(repeats if stacked is not None else 0):
+      collection[f'block_{r}'] = jax.tree.map(lambda x, r=r: x[r], stacked)
+    return collection
+
+  return cfg, {name: split(collection) for name, collection in nn.meta.unbox(variables).items()}
+
+
 def flops_per_token(model_config, seq_len: int) -> float:
   """Analytic forward FLOPs per token: every sublayer plus the output head (2*D*V)."""
   cfg = model_config

@@ -11,6 +11,7 @@ from scipy import stats
 
 import models
 from models import decode
+from models import lm
 from tests.conftest import tiny_model_config
 
 
@@ -123,6 +124,26 @@ def test_greedy_decoding_is_the_argmax_of_the_full_forward_and_seeds_reproduce(l
   a = sampled.generate(prompts, max_new_tokens=12, seed=1).tokens
   assert sampled.generate(prompts, max_new_tokens=12, seed=1).tokens == a
   assert sampled.generate(prompts, max_new_tokens=12, seed=2).tokens != a
+
+
+def test_a_scanned_model_decodes_unrolled_to_the_same_tokens():
+  """`lm.unrolled` splits the stacked layers into the same function, and the Generator's
+  default (layers unrolled) decodes what the scan decodes."""
+  model = models.build(tiny_model_config('llama_tiny', scan_layers=True))
+  dummy = jnp.zeros((1, 8), jnp.int32)
+  variables = nn.meta.unbox(model.init(jax.random.key(2), dummy, positions_BT=dummy,
+                                       segment_ids_BT=dummy + 1))
+  variables = jax.tree.map(lambda w: w * 4 if w.ndim > 1 else w, variables)
+  cfg, flat = lm.unrolled(model.cfg, variables)
+  assert not cfg.scan_layers and 'blocks' not in flat['params'] and 'block_1' in flat['params']
+  seq = [257, 3, 1, 4, 1, 5, 9, 2]
+  np.testing.assert_allclose(full_logits(models.build(cfg), flat, seq),
+                             full_logits(model, variables, seq), atol=1e-5)  # fusion order
+  prompts = [[257, 5, 6, 7], [257, 40]]
+  outs = [decode.Generator(model, variables, max_len=16, sampler=decode.Sampler(temperature=0),
+                           prefill_chunk=4, steps_per_call=4, unroll_layers=unroll)
+          .generate(prompts, max_new_tokens=8).tokens for unroll in (True, False)]
+  assert outs[0] == outs[1]
 
 
 def test_rows_finish_on_stop_ids_and_stop_strings(llama):
