@@ -122,7 +122,7 @@ def _write_sweep_file(tmp_path) -> str:
   return str(path)
 
 
-def test_a_sweep_file_from_any_path_plans_and_runs_its_own_size_rule(tmp_path, monkeypatch):
+def test_a_sweep_file_from_any_path_plans_and_runs_its_own_size_rule(tmp_path):
   sweep, module = sweep_lib.load_sweep(f'{_write_sweep_file(tmp_path)}:depth=2')
   assert sweep.depth == 2 and sorted(module.ARCHITECTURES) == ['moe', 'window']
   sweep_dir = str(tmp_path / 'sweep')
@@ -132,8 +132,6 @@ def test_a_sweep_file_from_any_path_plans_and_runs_its_own_size_rule(tmp_path, m
   assert {'--config.model.pattern=WFWF', '--config.model.attention.window=8'} <= set(window.command)
   assert {'--config.model.pattern=AEAE', '--config.model.moe.num_experts=4'} <= set(moe.command)
   assert moe.params > window.params  # four experts' MLPs against one
-  # The runs compile as the tests do (conftest): about 10 s less each on 2 busy cores.
-  monkeypatch.setenv('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
   assert sweep_lib.execute(module, sweep, runs, sweep_dir, parallel=2) == []
   state = json.load(open(os.path.join(sweep_dir, 'sweep.json')))
   assert state['sweep_file'] == module.__file__ and state['sweep']['depth'] == 2
