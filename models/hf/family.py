@@ -64,7 +64,14 @@ class Tensor:
     'copy'   the same numbers in the same order (reshaped): norms, embeddings, biases,
              GPT-2's Conv1D weights, which are stored (in, out) like archlab's;
     'linear' a torch `nn.Linear` weight (out, in): transposed, then reshaped;
-    'fused'  several archlab parameters concatenated along HF's last axis (GPT-2's c_attn).
+    'fused'  several archlab parameters concatenated along HF's last axis (GPT-2's c_attn);
+    'fused_linear'  a torch `nn.Linear` weight (out, in), or its bias (out,), whose out axis
+             is `groups` groups in turn, each holding its slice of every archlab parameter in
+             order (Qwen3-Next's q_proj: per head, the query then its gate; with `groups=1`,
+             Mamba-2's in_proj: z, then x, B, C, then dt); the archlab parameters' output
+             axes must lead with the group axis (heads);
+    'conv'   a torch depthwise `Conv1d` weight (channels, 1, taps) <-> archlab's (taps,
+             channels) kernel (models/layers/short_conv.py).
   `contract` is how many leading axes of the archlab parameter(s) are the input side
   (as in `models.layers.common.project`): 1 for `q` (D, N, H), 2 for `o` (N, H, D), 0 for
   vectors.
@@ -77,10 +84,11 @@ class Tensor:
   kind: str = 'copy'
   contract: int = 1
   index: int | None = None
+  groups: int = 1
 
   def __post_init__(self):
-    assert self.kind in ('copy', 'linear', 'fused'), self.kind
-    assert self.kind == 'fused' or len(self.ours) == 1, self
+    assert self.kind in ('copy', 'linear', 'fused', 'fused_linear', 'conv'), self.kind
+    assert self.kind.startswith('fused') or len(self.ours) == 1, self
 
   def to_archlab(self, array: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
     """The archlab arrays (with `shapes`) that HF's `array` holds."""
@@ -89,6 +97,12 @@ class Tensor:
       return [array.reshape(shapes[0])]
     if self.kind == 'linear':
       return [array.T.reshape(shapes[0])]
+    if self.kind == 'conv':
+      return [array[:, 0, :].T.reshape(shapes[0])]
+    if self.kind == 'fused_linear':
+      grouped = array.T.reshape(-1, self.groups, array.shape[0] // self.groups)
+      sizes = np.cumsum([self._group_size(s) for s in shapes])[:-1]
+      return [piece.reshape(s) for piece, s in zip(np.split(grouped, sizes, axis=-1), shapes)]
     sizes = np.cumsum([math.prod(s[self.contract:]) for s in shapes])[:-1]
     return [piece.reshape(s) for piece, s in zip(np.split(array, sizes, axis=-1), shapes)]
 
@@ -99,7 +113,17 @@ class Tensor:
       raise UnsupportedError(f'tensor {self.hf} has shape {tuple(array.shape)}, but the '
                              f'config gives {expected}')
 
+  def _group_size(self, shape) -> int:
+    """How many of one group's outputs (`fused_linear`) an archlab parameter holds."""
+    return math.prod(shape[self.contract:]) // self.groups
+
   def to_hf(self, arrays: list[np.ndarray]) -> np.ndarray:
+    if self.kind == 'conv':
+      return arrays[0].reshape(arrays[0].shape[0], -1).T[:, None, :]
+    if self.kind == 'fused_linear':
+      grouped = [a.reshape(-1, self.groups, self._group_size(a.shape)) for a in arrays]
+      out_in = np.concatenate(grouped, axis=-1).reshape(grouped[0].shape[0], -1).T
+      return out_in[:, 0] if self.contract == 0 else out_in  # a bias: one input row
     flat = [a.reshape(_matrix_shape(a.shape, self.contract)) for a in arrays]
     if self.kind == 'copy':
       return flat[0]
@@ -108,6 +132,11 @@ class Tensor:
     return np.concatenate(flat, axis=-1)
 
   def hf_shape(self, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    if self.kind == 'conv':
+      return (math.prod(shapes[0][1:]), 1, shapes[0][0])
+    if self.kind == 'fused_linear':
+      out = self.groups * sum(self._group_size(s) for s in shapes)
+      return (out,) if self.contract == 0 else (out, math.prod(shapes[0][:self.contract]))
     flat = [_matrix_shape(s, self.contract) for s in shapes]
     if self.kind == 'copy':
       return flat[0]
