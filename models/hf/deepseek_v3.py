@@ -20,49 +20,12 @@ the released checkpoints) are ignored, as transformers ignores them.
 
 from __future__ import annotations
 
-import dataclasses
-
-import numpy as np
-
 from models.hf import family as family_lib
 from models.hf import pattern
 from models.hf import rows
 from models.hf.family import Tensor
 
 LATENT_NORM_EPS = 1e-6  # DeepseekV3RMSNorm's default, used by q_a_layernorm and kv_a_layernorm
-
-
-@dataclasses.dataclass(frozen=True)
-class LinearTensor(Tensor):
-  """An nn.Linear weight (out, in) whose output rows hold several archlab parameters.
-
-  `per_head` > 0: rows are head-major, each head [p_0 | p_1 | ...] (kv_b_proj: k_nope and v
-  per head, archlab parameters (R, N, H_i)); otherwise rows are [p_0 | p_1 | ...] whole
-  (kv_a_proj_with_mqa: the latent, then the RoPE key).
-  """
-  kind: str = 'fused'
-  per_head: int = 0
-
-  def _fused(self) -> Tensor:
-    return Tensor(self.hf, self.ours, 'fused', self.contract)
-
-  def hf_shape(self, shapes):
-    if self.per_head:
-      return (self.per_head * sum(s[-1] for s in shapes), shapes[0][0])
-    return self._fused().hf_shape(shapes)[::-1]
-
-  def to_archlab(self, array, shapes):
-    self.check_shape(array, shapes)
-    if not self.per_head:
-      return self._fused().to_archlab(array.T, shapes)
-    r, n = shapes[0][0], self.per_head
-    split = np.cumsum([s[-1] for s in shapes])[:-1]
-    return list(np.split(array.T.reshape(r, n, -1), split, axis=-1))
-
-  def to_hf(self, arrays):
-    if not self.per_head:
-      return self._fused().to_hf(arrays).T
-    return np.concatenate(arrays, axis=-1).reshape(arrays[0].shape[0], -1).T
 
 
 def config_to_archlab(hf: family_lib.HfConfig) -> dict:
@@ -170,10 +133,12 @@ def tensors(cfg) -> list[Tensor]:
     h, a, f = rows.layer(i)
     s = f'{h}.self_attn'
     table += rows.norm_rows(h, a, f) + [
-        LinearTensor(f'{s}.kv_a_proj_with_mqa.weight', ((a, 'op', 'kv_a'), (a, 'op', 'k_rope'))),
+        Tensor(f'{s}.kv_a_proj_with_mqa.weight', ((a, 'op', 'kv_a'), (a, 'op', 'k_rope')),
+               'fused_linear'),
         *rows.norm(f'{s}.kv_a_layernorm', (a, 'op', 'kv_a_norm')),
-        LinearTensor(f'{s}.kv_b_proj.weight', ((a, 'op', 'k_b'), (a, 'op', 'v_b')),
-                     per_head=cfg.num_heads),
+        # [k_nope | v] per head
+        Tensor(f'{s}.kv_b_proj.weight', ((a, 'op', 'k_b'), (a, 'op', 'v_b')), 'fused_linear',
+               groups=cfg.num_heads),
         Tensor(f'{s}.o_proj.weight', ((a, 'op', 'o'),), 'linear', contract=2),
     ]
     if cfg.attention.mla.q_rank:

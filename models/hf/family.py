@@ -71,7 +71,8 @@ class Tensor:
              Mamba-2's in_proj: z, then x, B, C, then dt); the archlab parameters' output
              axes must lead with the group axis (heads);
     'conv'   a torch depthwise `Conv1d` weight (channels, 1, taps) <-> archlab's (taps,
-             channels) kernel (models/layers/short_conv.py).
+             channels...) kernels (models/layers/short_conv.py), several concatenated along
+             the channels in order (Qwen3-Next's conv over q, k and v).
   `contract` is how many leading axes of the archlab parameter(s) are the input side
   (as in `models.layers.common.project`): 1 for `q` (D, N, H), 2 for `o` (N, H, D), 0 for
   vectors.
@@ -88,7 +89,7 @@ class Tensor:
 
   def __post_init__(self):
     assert self.kind in ('copy', 'linear', 'fused', 'fused_linear', 'conv'), self.kind
-    assert self.kind.startswith('fused') or len(self.ours) == 1, self
+    assert self.kind in ('fused', 'fused_linear', 'conv') or len(self.ours) == 1, self
 
   def to_archlab(self, array: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
     """The archlab arrays (with `shapes`) that HF's `array` holds."""
@@ -98,7 +99,9 @@ class Tensor:
     if self.kind == 'linear':
       return [array.T.reshape(shapes[0])]
     if self.kind == 'conv':
-      return [array[:, 0, :].T.reshape(shapes[0])]
+      sizes = np.cumsum([math.prod(s[1:]) for s in shapes])[:-1]
+      taps_channels = array[:, 0, :].T
+      return [piece.reshape(s) for piece, s in zip(np.split(taps_channels, sizes, axis=1), shapes)]
     if self.kind == 'fused_linear':
       grouped = array.T.reshape(-1, self.groups, array.shape[0] // self.groups)
       sizes = np.cumsum([self._group_size(s) for s in shapes])[:-1]
@@ -119,7 +122,7 @@ class Tensor:
 
   def to_hf(self, arrays: list[np.ndarray]) -> np.ndarray:
     if self.kind == 'conv':
-      return arrays[0].reshape(arrays[0].shape[0], -1).T[:, None, :]
+      return np.concatenate([a.reshape(a.shape[0], -1) for a in arrays], axis=1).T[:, None, :]
     if self.kind == 'fused_linear':
       grouped = [a.reshape(-1, self.groups, self._group_size(a.shape)) for a in arrays]
       out_in = np.concatenate(grouped, axis=-1).reshape(grouped[0].shape[0], -1).T
@@ -133,7 +136,7 @@ class Tensor:
 
   def hf_shape(self, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
     if self.kind == 'conv':
-      return (math.prod(shapes[0][1:]), 1, shapes[0][0])
+      return (sum(math.prod(s[1:]) for s in shapes), 1, shapes[0][0])
     if self.kind == 'fused_linear':
       out = self.groups * sum(self._group_size(s) for s in shapes)
       return (out,) if self.contract == 0 else (out, math.prod(shapes[0][:self.contract]))
