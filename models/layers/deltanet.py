@@ -282,6 +282,7 @@ class GatedDeltaNet(sublayer.Sublayer):
             'state_BYPH': jnp.zeros((batch, y, p, h), jnp.float32),
             'segment_B': jnp.full((batch,), short_conv.NO_SEGMENT, jnp.int32)}
 
+  @nn.compact
   def __call__(self, x_BTD, *, positions_BT, segment_ids_BT, cache=None):
     del positions_BT  # the recurrence is its own position signal
     cfg = self.cfg
