@@ -54,6 +54,17 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return parsed
 
 
+def hybrid_pattern(mixer: str, attention_fraction: float, layers: int, mlp: str = 'F') -> str:
+  """`layers` layers of (mixer, `mlp`), round(fraction x layers) of whose mixers are `A`,
+  spread evenly with each attention layer last in its group (0.25 of 8: GFGFGFAF GFGFGFAF,
+  as Qwen3-Next places them)."""
+  if not 0.0 <= attention_fraction <= 1.0:
+    raise errors.ConfigError(f'attention_fraction={attention_fraction} must be in [0, 1]')
+  n = round(attention_fraction * layers)
+  return ''.join(('A' if (i + 1) * n // layers > i * n // layers else mixer) + mlp
+                 for i in range(layers))
+
+
 def get_field(node, dotted: str):
   """`node['a']['b']` for `dotted='a.b'` (ConfigDicts and dicts)."""
   for key in dotted.split('.'):

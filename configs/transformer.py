@@ -1,11 +1,13 @@
-"""Autoregressive transformers: GPT-2 and Llama baselines built from `A` and `F` sublayers.
+"""Autoregressive decoders: GPT-2 and Llama baselines built from `A` and `F` sublayers, the
+transformer families, and the linear-time mixer hybrids (`G`: gated DeltaNet).
 
 Run (the default preset is llama_tiny):
 
   python train.py --config=configs/transformer.py:preset=llama_tiny --workdir=/tmp/llama_tiny
 
 Arguments after the colon: `preset=NAME`, `runlocal` (shrink to a run of well under a
-minute), `seq_len=N`, `batch_size=N`, `steps=N`. Any field can also be set with
+minute), `seq_len=N`, `batch_size=N`, `steps=N`, and for a hybrid preset
+`attention_fraction=F` (the share of layers that are attention, spread evenly). Any field can also be set with
 `--config.model.d_model=256` etc.
 
 Measured on this project's 2-core x86_64 CPU machine (no accelerator), byte tokenizer, stdlib
@@ -184,18 +186,67 @@ def deepseek_v3_tiny(config):
                     aux_loss_weight=0.0, bias_update_rate=1e-3, dispatch='capacity'))
 
 
+def qwen3_next_tiny(config):
+  """Qwen3-Next layout, tiny: three gated-DeltaNet layers per gated-attention layer, each
+  followed by a MoE with a gated shared expert (pattern ('GE' * 3 + 'AE') * 2).
+
+  Attention: 4 heads of 32, 2 kv heads, per-head QK-norm, elementwise sigmoid output gate,
+  RoPE on a quarter of each head. DeltaNet: 2 key heads and 4 value heads of 32, a 4-tap
+  convolution, chunks of 64. Every norm zero-centred. MoE: 8 experts of 64, top 2, one
+  shared expert of 128 behind a sigmoid gate.
+  """
+  llama_tiny(config)
+  m = config.model
+  m.pattern = ('GE' * 3 + 'AE') * 2
+  m.head_dim = 32
+  m.attention.qk_norm, m.attention.output_gate = 'head', 'elementwise'
+  m.rope_fraction, m.rope_theta, m.norm_eps = 0.25, 1e7, 1e-6
+  m.norm_zero_centred = True
+  m.deltanet.update(dict(key_heads=2, value_heads=4, key_head_dim=32, value_head_dim=32))
+  m.moe.update(dict(num_experts=8, num_experts_per_tok=2, expert_mlp_dim=64, router='softmax',
+                    norm_topk_prob=True, num_shared_experts=1, shared_expert_mlp_dim=128,
+                    shared_expert_gate=True, dispatch='capacity'))
+
+
+def deltanet_tiny(config):
+  """Gated DeltaNet only, tiny: llama_tiny with every attention layer a `G` (4 heads of 32,
+  no positions: the recurrence orders the tokens)."""
+  llama_tiny(config)
+  config.model.pattern = 'GF' * 4
+  config.model.position = 'none'
+
+
+def deltanet_hybrid_tiny(config):
+  """A gated-DeltaNet hybrid whose attention fraction is the config argument
+  `attention_fraction` (default 0.25: `GFGFGFAF` x 2, Qwen3-Next's 3:1): llama_tiny's
+  attention and MLP with 8 layers."""
+  llama_tiny(config)
+  config.model.pattern = common.hybrid_pattern('G', 0.25, 8)
+
+
+# Presets whose mixer `attention_fraction=` re-lays (attention at evenly spread layers).
+HYBRID_MIXERS = {'deltanet_hybrid_tiny': 'G'}
+
 PRESETS = {f.__name__: f for f in (gpt2_tiny, gpt2_small, llama_tiny, llama_small, qwen3_tiny,
-                                   olmo3_tiny, gpt_oss_tiny, deepseek_v3_tiny)}
+                                   olmo3_tiny, gpt_oss_tiny, deepseek_v3_tiny, qwen3_next_tiny,
+                                   deltanet_tiny, deltanet_hybrid_tiny)}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, preset='llama_tiny', runlocal=False, seq_len=0, batch_size=0,
-                          steps=0)
+                          steps=0, attention_fraction=-1.0)
   if args.preset not in PRESETS:
     raise errors.ConfigError(f'preset={args.preset!r} is not one of {sorted(PRESETS)} '
                      f'(configs/transformer.py)')
   config = common.base_config()
   PRESETS[args.preset](config)
+  if args.attention_fraction >= 0:
+    if args.preset not in HYBRID_MIXERS:
+      raise errors.ConfigError(f'config argument attention_fraction applies to the hybrid presets '
+                               f'{sorted(HYBRID_MIXERS)}, not preset={args.preset!r}')
+    layers = len(config.model.pattern) // 2
+    config.model.pattern = common.hybrid_pattern(HYBRID_MIXERS[args.preset],
+                                                 args.attention_fraction, layers)
   if args.runlocal:
     common.apply_runlocal(config)
   if args.seq_len:
