@@ -66,26 +66,38 @@ def l2_normalise(x, eps: float = L2_EPS):
   return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
+def substitute(l_XTS, precision=None):
+  """(I + L)^-1 for strictly lower triangular L by forward substitution, one row at a time
+  (a loop, so compile time does not grow with the rows): row t of the inverse is
+  e_t - L[t] X, where the rows of X from t on are still the identity's and L[t, t:] = 0."""
+  c = l_XTS.shape[-1]
+  eye_TS = jnp.eye(c, dtype=l_XTS.dtype)
+
+  def row(t, x_XTS):
+    l_XS = jax.lax.dynamic_index_in_dim(l_XTS, t, axis=-2, keepdims=False)
+    new_XS = eye_TS[t] - jnp.einsum('...s,...sc->...c', l_XS, x_XTS, precision=precision)
+    return jax.lax.dynamic_update_index_in_dim(x_XTS, new_XS, t, axis=-2)
+
+  return jax.lax.fori_loop(1, c, row, jnp.broadcast_to(eye_TS, l_XTS.shape))
+
+
 def unit_lower_inverse(l_XTS, block: int = INVERSE_BLOCK, precision=None):
   """(I + L)^-1 for strictly lower triangular L (..., C, C), by blocks of `block` rows.
 
-  Each diagonal block is inverted by forward substitution (a triangular solve), then block
-  row i is  X_ij = -X_ii sum_{j<=m<i} L_im X_mj : matmuls of bounded entries, with no power
-  of L formed (powers grow like the chunk's length; fla saw them overflow past 64).
+  Each diagonal block is inverted by forward substitution (`substitute`), then block row i
+  is  X_ij = -X_ii sum_{j<=m<i} L_im X_mj : matmuls of bounded entries, with no power of L
+  formed (powers grow like the chunk's length; fla saw them overflow past 64). XLA:CPU's
+  own triangular solve is not used: its backward pass deadlocked at batches of about 56
+  chunks and more (jax 0.10.2).
   """
   c = l_XTS.shape[-1]
-  eye_TS = jnp.eye(c, dtype=l_XTS.dtype)
   if c <= block or c % block:
-    return jax.lax.linalg.triangular_solve(eye_TS + l_XTS, jnp.broadcast_to(eye_TS, l_XTS.shape),
-                                           left_side=True, lower=True, unit_diagonal=True)
+    return substitute(l_XTS, precision)
   n = c // block
   rows = []  # rows[i][j]: block (i, j) of the inverse
   for i in range(n):
     r = slice(i * block, (i + 1) * block)
-    diag_XTS = jax.lax.linalg.triangular_solve(
-        eye_TS[:block, :block] + l_XTS[..., r, r],
-        jnp.broadcast_to(eye_TS[:block, :block], l_XTS[..., r, r].shape),
-        left_side=True, lower=True, unit_diagonal=True)
+    diag_XTS = substitute(l_XTS[..., r, r], precision)
     row = []
     for j in range(i):
       acc_XTS = sum(jnp.matmul(l_XTS[..., r, m * block:(m + 1) * block], rows[m][j],
