@@ -184,8 +184,51 @@ def deepseek_v3_tiny(config):
                     aux_loss_weight=0.0, bias_update_rate=1e-3, dispatch='capacity'))
 
 
+# Nemotron-H's hybrid_override_pattern characters -> archlab sublayers: one HF layer each.
+HYBRID_LAYERS = {'M': 'M', '*': 'A', '-': 'F', 'E': 'E'}
+
+
+def from_hybrid_pattern(hybrid: str) -> str:
+  """`model.pattern` of a Nemotron-H `hybrid_override_pattern` ('M-M-M*-' -> 'MFMFMAF')."""
+  unknown = sorted(set(hybrid) - set(HYBRID_LAYERS))
+  if unknown:
+    raise errors.ConfigError(f'hybrid pattern {hybrid!r} has {unknown}; its characters are '
+                             f'{sorted(HYBRID_LAYERS)} (Mamba-2, attention, MLP, MoE)')
+  return ''.join(HYBRID_LAYERS[c] for c in hybrid)
+
+
+def mamba2_tiny(config):
+  """Pure Mamba-2 stack, tiny: 8 `M` sublayers (no MLP, as mamba_ssm's Mamba2 LM), d=128,
+  inner width 256 in 8 heads of 32, state 32, one group, chunk 64, no positions.
+
+  0.94M parameters (0.91M without the token table) with the byte vocabulary.
+  """
+  llama_tiny(config)
+  m = config.model
+  m.pattern = 'M' * 8
+  m.position = 'none'
+  m.mamba.update(dict(num_heads=0, expand=2, head_dim=32, state_dim=32, groups=1, chunk=64))
+
+
+def nemotron_h_tiny(config):
+  """Nemotron-H layout, tiny: hybrid_override_pattern 'M-M-M*-' (Mamba-2, ReLU^2 MLP, one
+  attention layer without positions), d=128, Mamba inner width 256 in 8 heads of 32, state
+  32 in 2 groups, dt >= 0.001 as Nemotron-H clamps it.
+
+  0.77M parameters (0.73M without the token table) with the byte vocabulary.
+  """
+  llama_tiny(config)
+  m = config.model
+  m.pattern = from_hybrid_pattern('M-M-M*-')
+  m.position = 'none'
+  m.mlp_activation = 'relu2'
+  m.mamba.update(dict(num_heads=0, expand=2, head_dim=32, state_dim=32, groups=2, chunk=64,
+                      dt_limit_min=0.001))
+
+
 PRESETS = {f.__name__: f for f in (gpt2_tiny, gpt2_small, llama_tiny, llama_small, qwen3_tiny,
-                                   olmo3_tiny, gpt_oss_tiny, deepseek_v3_tiny)}
+                                   olmo3_tiny, gpt_oss_tiny, deepseek_v3_tiny, mamba2_tiny,
+                                   nemotron_h_tiny)}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
