@@ -207,6 +207,7 @@ def mamba2_tiny(config):
   m = config.model
   m.pattern = 'M' * 8
   m.position = 'none'
+  m.num_kv_heads = m.num_heads  # attention's fields, unused; as a mamba2 checkpoint reads back
   m.mamba.update(dict(num_heads=0, expand=2, head_dim=32, state_dim=32, groups=1, chunk=64))
 
 

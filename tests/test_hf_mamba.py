@@ -22,6 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import models  # noqa: E402
 from configs import common as configs_common  # noqa: E402
+from configs import transformer  # noqa: E402
 from experiments import convert  # noqa: E402
 from models import decode  # noqa: E402
 from models import hf  # noqa: E402
@@ -145,6 +146,17 @@ def test_untranslatable_config_is_one_line(variant, changes, match, hf_models, t
   with pytest.raises(ValueError, match=match) as e:
     hf.import_hf(path)
   assert '\n' not in str(e.value) and 'config.json' in str(e.value)
+
+
+@pytest.mark.parametrize('preset,model_type', [('mamba2_tiny', 'mamba2'),
+                                               ('nemotron_h_tiny', 'nemotron_h')])
+def test_presets_are_these_families(preset, model_type):
+  """The presets' configs translate to their family's config.json and back unchanged (what
+  export and `init_from=hf:` need; no weights involved)."""
+  model = transformer.get_config(f'preset={preset}').model
+  model.vocab_size = VOCAB
+  family, hf_config = hf.interop.hf_config_for(model)
+  assert family.model_type == model_type and hf_config['model_type'] == model_type
 
 
 def test_hybrid_override_pattern_and_the_legacy_names_read_as_layers_block_type(hf_models,
