@@ -5,11 +5,14 @@ Tier 3 (parity with a reference). Tiny random float32 models: Mamba-2 with 2 gro
 embeddings; Mamba-2 with projection biases, no conv bias, 3 taps and a dt limit that binds;
 Nemotron-H with every layer kind (Mamba-2, ReLU^2 MLP, attention, MoE with group-limited
 sigmoid routing, a correction bias and a shared expert). Rows of 21 tokens cross chunks of
-8 on both sides. Each imports to logits within 1e-4 (unrolled and scanned where the pattern
-repeats), exports (Nemotron-H through experiments.convert, both ways) and reloads in
-transformers with the same logits; changing a translated field moves the logits; greedy
-decoding of the first and third from left-padded prompts equals transformers' `generate`.
+8 on both sides. Each imports to logits within 1e-4, exports (Nemotron-H through
+experiments.convert, both ways) and reloads in transformers with the same logits; changing a
+translated field moves the logits, and Nemotron-H's clip of dt at time_step_min matches while
+it binds; greedy decoding of the first and third from left-padded prompts, imported and
+decoded with the layers stacked (scan_layers), equals transformers' `generate`.
 """
+
+import shutil
 
 import numpy as np
 import pytest
@@ -48,10 +51,7 @@ VARIANTS = {
         chunk_size=CHUNK, time_step_min=0.01)),
 }
 # variant -> (model field, value that must change the logits)
-SENSITIVE = {
-    'mamba2_biases': [('mamba.dt_limit_max', float('inf'))],
-    'nemotron_h': [('mamba.dt_limit_min', 2.0)],
-}
+SENSITIVE = {'mamba2_biases': [('mamba.dt_limit_max', float('inf'))]}
 
 
 def archlab_logits(run, params, tokens_BT):
@@ -97,11 +97,11 @@ def hf_models(tmp_path_factory):
 def test_import_and_export_match_transformers(variant, hf_models, tokens, tmp_path):
   path, hf_model = hf_models[variant]
   expected_BTV = hf_logits(hf_model, tokens)
-  for scan_layers in (False, True) if variant == 'mamba2' else (False,):
-    run, params = hf.import_hf(path, config(scan_layers))
-    diff = np.abs(archlab_logits(run, params, tokens) - expected_BTV).max()
-    print(f'{variant} scan_layers={scan_layers}: import max abs logit diff {diff:.2e}')
-    assert diff <= 1e-4, diff
+  # (the scanned layout, stacked then split per layer, is what the decoding test imports)
+  run, params = hf.import_hf(path, config(False))
+  diff = np.abs(archlab_logits(run, params, tokens) - expected_BTV).max()
+  print(f'{variant}: import max abs logit diff {diff:.2e}')
+  assert diff <= 1e-4, diff
 
   out = str(tmp_path / 'hf')
   if VARIANTS[variant][0] == 'nemotron_h':  # through the conversion tool, both ways
@@ -122,16 +122,33 @@ def test_each_translated_field_changes_the_logits(variant, hf_models, tokens):
     changed = run.copy_and_resolve_references()
     assert configs_common.get_field(changed.model, field) != value, field
     configs_common.set_field(changed.model, field, value)
-    p = _drop(params, 'correction_bias') if field == 'moe.correction_bias' else params
-    diff = np.abs(archlab_logits(changed, p, tokens) - expected_BTV).max()
+    diff = np.abs(archlab_logits(changed, params, tokens) - expected_BTV).max()
     assert diff > 1e-3, (field, value, diff)
 
 
-def _drop(tree, name):
-  """`tree` without leaves called `name`."""
-  if not isinstance(tree, dict):
-    return tree
-  return {k: _drop(v, name) for k, v in tree.items() if k != name}
+def test_nemotron_h_clips_dt_below_at_time_step_min(hf_models, tokens, tmp_path):
+  """NemotronHMamba2Mixer clips dt to (time_step_min, inf), whatever time_step_limit says.
+  With time_step_min above every dt (about 1.3 here) the clip binds: the logits move, and the
+  import (`mamba.dt_limit_min`) still equals transformers."""
+  path, hf_model = hf_models['nemotron_h']
+  unclipped_BTV = hf_logits(hf_model, tokens)
+  clipped = tmp_path / 'clipped'
+  shutil.copytree(path, clipped)
+  _write_config(tmp_path, path, time_step_min=1.6)
+  shutil.copyfile(tmp_path / 'bad' / 'config.json', clipped / 'config.json')
+  mixers = [m for m in hf_model.modules() if hasattr(m, 'time_step_limit')]
+  limits = [m.time_step_limit for m in mixers]
+  try:
+    for m in mixers:
+      m.time_step_limit = (1.6, float('inf'))
+    want_BTV = hf_logits(hf_model, tokens)
+  finally:
+    for m, limit in zip(mixers, limits):
+      m.time_step_limit = limit
+  assert np.abs(want_BTV - unclipped_BTV).max() > 1e-3
+  run, params = hf.import_hf(str(clipped), config(False))
+  assert run.model.mamba.dt_limit_min == 1.6
+  np.testing.assert_allclose(archlab_logits(run, params, tokens), want_BTV, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize('variant,changes,match', [
@@ -171,10 +188,11 @@ def test_hybrid_override_pattern_and_the_legacy_names_read_as_layers_block_type(
 NEW_TOKENS = 16
 
 
-@pytest.mark.parametrize('variant', ['mamba2', 'nemotron_h'])
-def test_greedy_decoding_equals_transformers_generate(variant, hf_models):
+@pytest.mark.parametrize('variant,prefill_chunk', [('mamba2', 1), ('nemotron_h', 16)])
+def test_greedy_decoding_equals_transformers_generate(variant, prefill_chunk, hf_models):
   """Prompts of 5 and 11 tokens, left-padded (transformers masks the padding out of the Mamba
-  state; archlab's padding is segment 0), 16 new tokens each."""
+  state; archlab's padding is segment 0), 16 new tokens each. The prompts prefill one token
+  a call (the recurrent step) for mamba2, in one chunked call for nemotron_h."""
   path, hf_model = hf_models[variant]
   rng = np.random.RandomState(7)
   prompts = [rng.randint(0, VOCAB, n).tolist() for n in (5, 11)]
@@ -190,6 +208,6 @@ def test_greedy_decoding_equals_transformers_generate(variant, hf_models):
   run, params = hf.import_hf(path, config(True))
   gen = decode.Generator(models.build(run.model), {'params': jax.tree.map(jnp.asarray, params)},
                          max_len=16 + NEW_TOKENS, sampler=decode.Sampler(temperature=0),
-                         prefill_chunk=16, steps_per_call=4)
+                         prefill_chunk=prefill_chunk, steps_per_call=4, unroll_layers=False)
   got = gen.generate(prompts, max_new_tokens=NEW_TOKENS).tokens
   assert got == want

@@ -2,11 +2,12 @@
 
 Tier 3 (parity with a reference): the chunked scan equals the token-by-token recurrence
 (outputs and final state, a length that is not a multiple of the chunk, a non-zero initial
-state, groups > 1, packed documents); its gradients equal central differences. Tier 2 (oracle): with the strongest decay at length 8192 each output is its own
-position's input (nothing overflows or turns NaN, gradients included). Tier 4 (consistency):
-a packed row equals each document alone; prefill + one token a step equals the full forward
-(float32 and bfloat16), through a scanned model; the cache does not grow with the generated
-length; bfloat16 compute stays near float32; the analytic FLOPs are within 15% of XLA's.
+state, groups > 1, packed documents); its gradients equal central differences. Tier 2
+(oracle): with the strongest decay at length 8192 each output is its own position's input
+(nothing overflows or turns NaN, gradients included). Tier 4 (consistency): a packed row
+equals each document alone; prefill + one token a step equals the full forward (float32 and
+bfloat16), through a scanned model; the cache does not grow with the generated length;
+bfloat16 compute stays near float32; the analytic FLOPs are within 15% of XLA's.
 """
 
 import flax.linen as nn
@@ -71,13 +72,13 @@ def test_gradients_equal_central_differences(problem):
   w_BTNH = rng.normal(size=inputs[0].shape).astype(np.float32)
   w_BNHP = rng.normal(size=state['ssm_BNHP'].shape).astype(np.float32)
 
-  def loss(scan, x, dt, a, b, c, s):
-    y_BTNH, final = scan(x, dt, a, b, c, SEGMENTS, chunk=4,
-                         state={'ssm_BNHP': s, 'segment_B': state['segment_B']})
+  def loss(x, dt, a, b, c, s):
+    y_BTNH, final = mamba2.ssd_chunked(x, dt, a, b, c, SEGMENTS, chunk=4,
+                                       state={'ssm_BNHP': s, 'segment_B': state['segment_B']})
     return jnp.sum(y_BTNH * w_BTNH) + jnp.sum(final['ssm_BNHP'] * w_BNHP)
 
   args = (*inputs, state['ssm_BNHP'])
-  chunked = jax.jit(lambda *a: loss(mamba2.ssd_chunked, *a))
+  chunked = jax.jit(loss)
   grads = jax.jit(jax.grad(chunked, argnums=tuple(range(6))))(*args)
   eps = 1e-2
   for i, g in enumerate(grads):  # along a random direction of each input

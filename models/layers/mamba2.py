@@ -60,7 +60,8 @@ DEFAULTS = dict(mamba=dict(
     conv_taps=4,             # d_conv
     conv_bias=True,
     proj_bias=False,         # biases on the input and output projections
-    norm_before_gate=False,  # False: norm(y * silu(z)) (transformers, Nemotron-H); True: norm(y) * silu(z)
+    norm_before_gate=False,  # False: norm(y * silu(z)) (transformers, Nemotron-H);
+                             # True: norm(y) * silu(z)
     chunk=64,                # SSD chunk length (training and prefill)
     precision='highest',     # matmul precision of the SSD core: default | high | highest
     dt_min=0.001,            # initial dt ~ log-uniform in [dt_min, dt_max], at least dt_init_floor
@@ -386,9 +387,11 @@ class Mamba2(sublayer.Sublayer):
     if m.conv_bias:
       conv_bias_F = self.param('conv_bias', common.zeros_init((None,)), (conv_channels(cfg),),
                                pdtype)
+    if conv_bias_F is not None:
+      conv_bias_F = conv_bias_F.astype(dtype)
     xbc_BTF, conv_cache = short_conv.causal_conv(
-        xbc_BTF, kernel_SF.astype(dtype), None if conv_bias_F is None else conv_bias_F.astype(dtype),
-        segment_ids_BT=segment_ids_BT, cache=None if cache is None else cache['conv'])
+        xbc_BTF, kernel_SF.astype(dtype), conv_bias_F, segment_ids_BT=segment_ids_BT,
+        cache=None if cache is None else cache['conv'])
     xbc_BTF = jax.nn.silu(xbc_BTF)
     x_BTNH = common.constrain(xbc_BTF[..., :inner].reshape(b, t, n, h),
                               ('batch', 'length', 'heads', 'head_dim'))
