@@ -224,12 +224,66 @@ def deltanet_hybrid_tiny(config):
   config.model.pattern = common.hybrid_pattern('G', 0.25, 8)
 
 
+# Nemotron-H's hybrid_override_pattern characters -> archlab sublayers: one HF layer each.
+HYBRID_LAYERS = {'M': 'M', '*': 'A', '-': 'F', 'E': 'E'}
+
+
+def from_hybrid_pattern(hybrid: str) -> str:
+  """`model.pattern` of a Nemotron-H `hybrid_override_pattern` ('M-M-M*-' -> 'MFMFMAF')."""
+  unknown = sorted(set(hybrid) - set(HYBRID_LAYERS))
+  if unknown:
+    raise errors.ConfigError(f'hybrid pattern {hybrid!r} has {unknown}; its characters are '
+                             f'{sorted(HYBRID_LAYERS)} (Mamba-2, attention, MLP, MoE)')
+  return ''.join(HYBRID_LAYERS[c] for c in hybrid)
+
+
+def mamba2_tiny(config):
+  """Pure Mamba-2 stack, tiny: 8 `M` sublayers (no MLP, as mamba_ssm's Mamba2 LM), d=128,
+  inner width 256 in 8 heads of 32, state 32, one group, chunk 64, no positions.
+
+  0.94M parameters (0.91M without the token table) with the byte vocabulary.
+  """
+  llama_tiny(config)
+  m = config.model
+  m.pattern = 'M' * 8
+  m.position = 'none'
+  m.num_kv_heads = m.num_heads  # attention's fields, unused; as a mamba2 checkpoint reads back
+  m.mamba.update(dict(num_heads=0, expand=2, head_dim=32, state_dim=32, groups=1, chunk=64))
+
+
+def nemotron_h_tiny(config):
+  """Nemotron-H layout, tiny: hybrid_override_pattern 'M-M-M*-' (Mamba-2, ReLU^2 MLP, one
+  attention layer without positions), d=128, Mamba inner width 256 in 8 heads of 32, state
+  32 in 2 groups, dt >= 0.001 as Nemotron-H clamps it.
+
+  0.77M parameters (0.73M without the token table) with the byte vocabulary.
+  """
+  llama_tiny(config)
+  m = config.model
+  m.pattern = from_hybrid_pattern('M-M-M*-')
+  m.position = 'none'
+  m.mlp_activation = 'relu2'
+  m.mamba.update(dict(num_heads=0, expand=2, head_dim=32, state_dim=32, groups=2, chunk=64,
+                      dt_limit_min=0.001))
+
+
+def mamba2_hybrid_tiny(config):
+  """A Mamba-2 hybrid whose attention fraction is the config argument `attention_fraction`
+  (default 0.25): mamba2_tiny's mixer with llama_tiny's attention and a SwiGLU MLP after
+  every mixer, 8 layers."""
+  mamba2_tiny(config)
+  m = config.model
+  m.pattern = common.hybrid_pattern('M', 0.25, 8)
+  m.position, m.mlp_activation, m.mlp_dim, m.num_kv_heads = 'rope', 'swiglu', 384, 2
+
+
 # Presets whose mixer `attention_fraction=` re-lays (attention at evenly spread layers).
-HYBRID_MIXERS = {'deltanet_hybrid_tiny': 'G'}
+HYBRID_MIXERS = {'deltanet_hybrid_tiny': 'G', 'mamba2_hybrid_tiny': 'M'}
 
 PRESETS = {f.__name__: f for f in (gpt2_tiny, gpt2_small, llama_tiny, llama_small, qwen3_tiny,
                                    olmo3_tiny, gpt_oss_tiny, deepseek_v3_tiny, qwen3_next_tiny,
-                                   deltanet_tiny, deltanet_hybrid_tiny)}
+                                   deltanet_tiny, deltanet_hybrid_tiny, mamba2_tiny,
+                                   nemotron_h_tiny, mamba2_hybrid_tiny)}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

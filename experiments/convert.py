@@ -84,7 +84,7 @@ def convert(source: str, destination: str, *, step: int | None = None, scan_laye
     tokenizer = hf_files.tokenizer_file(src)
     if tokenizer:  # the trainer reloads workdir/tokenizer.json
       shutil.copyfile(tokenizer, os.path.join(dst, 'tokenizer.json'))
-    print(f'wrote {dst} ({config.model.pattern.count("A")} layers, vocab '
+    print(f'wrote {dst} ({len(config.model.pattern)} sublayers, vocab '
           f'{config.model.vocab_size}) from {src}')
   else:
     model_config, params, collections = read_archlab(src, step)

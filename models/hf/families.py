@@ -12,6 +12,8 @@ from models.hf import family as family_lib
 from models.hf import gpt2
 from models.hf import gpt_oss
 from models.hf import llama
+from models.hf import mamba2
+from models.hf import nemotron_h
 from models.hf import olmo3
 from models.hf import qwen3
 from models.hf import qwen3_moe
@@ -30,7 +32,7 @@ def _by_model_type(families: list[family_lib.Family]) -> dict[str, family_lib.Fa
 
 FAMILIES: dict[str, family_lib.Family] = _by_model_type([
     gpt2.GPT2, llama.LLAMA, qwen3.QWEN3, qwen3_moe.QWEN3_MOE, olmo3.OLMO3, gpt_oss.GPT_OSS,
-    deepseek_v3.DEEPSEEK_V3, qwen3_next.QWEN3_NEXT])
+    deepseek_v3.DEEPSEEK_V3, qwen3_next.QWEN3_NEXT, mamba2.MAMBA2, nemotron_h.NEMOTRON_H])
 
 # Families of the transformer issue with no mapping table yet, and the components they use.
 PENDING: dict[str, str] = {}  # model_type -> the components its mapping table waits for

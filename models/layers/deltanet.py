@@ -75,7 +75,7 @@ def substitute(l_XTS, precision=None):
 
   def row(t, x_XTS):
     l_XS = jax.lax.dynamic_index_in_dim(l_XTS, t, axis=-2, keepdims=False)
-    new_XS = eye_TS[t] - jnp.einsum('...s,...sc->...c', l_XS, x_XTS, precision=precision)
+    new_XS = eye_TS[t] - jnp.matmul(l_XS[..., None, :], x_XTS, precision=precision)[..., 0, :]
     return jax.lax.dynamic_update_index_in_dim(x_XTS, new_XS, t, axis=-2)
 
   return jax.lax.fori_loop(1, c, row, jnp.broadcast_to(eye_TS, l_XTS.shape))
