@@ -61,3 +61,17 @@ def mixers(hf: family_lib.HfConfig, types: list, num_layers: int) -> list[str]:
 def layer_types(pairs: list[Layer]) -> list[str]:
   """config.json `layer_types` of layers whose mixers are `W` or `A` (the inverse of `mixers`)."""
   return [_TYPE_OF[m] for m, _ in pairs]
+
+
+def sparse_layers(hf: family_lib.HfConfig, num_layers: int, experts: int, k: int) -> list[bool]:
+  """Which layers have a sparse MoE MLP in the Qwen-MoE families: layer i unless it is in
+  `mlp_only_layers`, when (i + 1) % `decoder_sparse_step` == 0 and there are experts;
+  refuses a step that is not a positive integer and a top-k outside [1, experts]."""
+  step = hf.get('decoder_sparse_step', 1)
+  if not isinstance(step, int) or step < 1:
+    hf.refuse('decoder_sparse_step', 'must be a positive integer')
+  dense = set(hf.get('mlp_only_layers', []))
+  sparse = [i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(num_layers)]
+  if any(sparse) and not 1 <= k <= experts:
+    hf.refuse('num_experts_per_tok', f'must be in [1, num_experts={experts}]')
+  return sparse

@@ -29,13 +29,7 @@ def config_to_archlab(hf: family_lib.HfConfig) -> dict:
   layers = hf.get('num_hidden_layers', 24)
   experts = hf.get('num_local_experts', hf.get('num_experts', 128))
   k = hf.get('num_experts_per_tok', 8)
-  step = hf.get('decoder_sparse_step', 1)
-  if not isinstance(step, int) or step < 1:
-    hf.refuse('decoder_sparse_step', 'must be a positive integer')
-  dense = set(hf.get('mlp_only_layers', []))
-  sparse = [i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(layers)]
-  if any(sparse) and not 1 <= k <= experts:
-    hf.refuse('num_experts_per_tok', f'must be in [1, num_experts={experts}]')
+  sparse = pattern.sparse_layers(hf, layers, experts, k)
   attention = 'A'
   if hf.get('use_sliding_window', False):
     window = hf.get('sliding_window')

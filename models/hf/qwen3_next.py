@@ -42,13 +42,7 @@ def config_to_archlab(hf: family_lib.HfConfig) -> dict:
               f'num_hidden_layers={layers} layers')
   experts = hf.get('num_experts', 512)
   k = hf.get('num_experts_per_tok', 10)
-  step = hf.get('decoder_sparse_step', 1)
-  if not isinstance(step, int) or step < 1:
-    hf.refuse('decoder_sparse_step', 'must be a positive integer')
-  dense = set(hf.get('mlp_only_layers', []))
-  sparse = [i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(layers)]
-  if any(sparse) and not 1 <= k <= experts:
-    hf.refuse('num_experts_per_tok', f'must be in [1, num_experts={experts}]')
+  sparse = pattern.sparse_layers(hf, layers, experts, k)
   fields.update({
       'pattern': ''.join(MIXERS[t] + ('E' if s else 'F') for t, s in zip(types, sparse)),
       'norm_zero_centred': True,
