@@ -89,6 +89,20 @@ def packed_batch(rng, batch, length, vocab, num_segments=2):
           jnp.broadcast_to(segment_T, (batch, length)).astype(jnp.int32))
 
 
+def prefill_then_decode(apply, cache, tokens_BT, pos_BT, seg_BT, k):
+  """(logits_BTV, cache) of a prefill of the first k tokens, then one token a step, through
+  `apply(tokens, positions, segments, cache) -> (logits, aux, cache)`."""
+  outs = []
+  if k:
+    out_BTV, _, cache = apply(tokens_BT[:, :k], pos_BT[:, :k], seg_BT[:, :k], cache)
+    outs.append(out_BTV)
+  for i in range(k, tokens_BT.shape[1]):
+    out_BTV, _, cache = apply(tokens_BT[:, i:i + 1], pos_BT[:, i:i + 1], seg_BT[:, i:i + 1],
+                              cache)
+    outs.append(out_BTV)
+  return jnp.concatenate(outs, 1), cache
+
+
 def next_token_objective(vocab, z_loss=0.0):
   """The next-token objective with one byte per token of a `vocab`-token vocabulary."""
   return objectives.NextToken(ml_collections.FrozenConfigDict(dict(z_loss=z_loss)),

@@ -197,6 +197,7 @@ def test_prefill_then_decode_equals_the_full_forward_for_every_preset():
   several times, sinks, MLA's latent cache, MoE with capacity dispatch)."""
   from models import lm  # pylint: disable=g-import-not-at-top
   from tests.conftest import packed_batch  # pylint: disable=g-import-not-at-top
+  from tests.conftest import prefill_then_decode  # pylint: disable=g-import-not-at-top
   b, t = 2, 13
   for preset, fields in PRESETS.items():
     cfg = tiny_model_config(preset, **fields)
@@ -211,16 +212,8 @@ def test_prefill_then_decode_equals_the_full_forward_for_every_preset():
         v, x, positions_BT=p, segment_ids_BT=s, cache=c))
     window = cfg.attention.window if 'W' in cfg.pattern else 5
     for k in (0, window):
-      cache = lm.init_cache(model.cfg, b, t)
-      outs = []
-      if k:
-        out_BTV, _, cache = apply(tokens_BT[:, :k], pos_BT[:, :k], seg_BT[:, :k], cache)
-        outs.append(out_BTV)
-      for i in range(k, t):
-        out_BTV, _, cache = apply(tokens_BT[:, i:i + 1], pos_BT[:, i:i + 1], seg_BT[:, i:i + 1],
-                                  cache)
-        outs.append(out_BTV)
-      got_BTV = jnp.concatenate(outs, 1)
+      got_BTV, _ = prefill_then_decode(apply, lm.init_cache(model.cfg, b, t), tokens_BT, pos_BT,
+                                       seg_BT, k)
       err = float(jnp.max(jnp.abs(got_BTV - full_BTV)))
       assert err <= 1e-4, f'{preset}: prefill {k} + decode differs by {err:.2e}'
 

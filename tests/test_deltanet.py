@@ -18,6 +18,7 @@ import models
 from models import lm
 from models.layers import deltanet
 from tests.conftest import packed_batch
+from tests.conftest import prefill_then_decode
 from tests.conftest import tiny_model_config
 
 
@@ -138,22 +139,6 @@ def test_packed_documents_equal_each_alone_and_bfloat16_is_close(gate_norm, nega
   assert err <= 2e-2, err
 
 
-def _decode(model, variables, tokens_BT, pos_BT, seg_BT, k):
-  """Logits of a prefill of k tokens then one token a step, and the last cache."""
-  b, t = tokens_BT.shape
-  apply = jax.jit(lambda x, p, s, c: model.apply(variables, x, positions_BT=p, segment_ids_BT=s,
-                                                 cache=c))
-  cache = lm.init_cache(model.cfg, b, t)
-  outs = []
-  if k:
-    out_BTV, _, cache = apply(tokens_BT[:, :k], pos_BT[:, :k], seg_BT[:, :k], cache)
-    outs.append(out_BTV)
-  for i in range(k, t):
-    out_BTV, _, cache = apply(tokens_BT[:, i:i + 1], pos_BT[:, i:i + 1], seg_BT[:, i:i + 1], cache)
-    outs.append(out_BTV)
-  return jnp.concatenate(outs, 1), cache
-
-
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_prefill_then_decode_equals_the_full_forward(dtype):
   """qwen3_next_tiny's layers (G, gated attention, MoE), two blocks scanned: a prefill of 11
@@ -170,7 +155,10 @@ def test_prefill_then_decode_equals_the_full_forward(dtype):
                                        segment_ids_BT=seg_BT))
   full_BTV = jax.jit(lambda v: model.apply(v, tokens_BT, positions_BT=pos_BT,
                                            segment_ids_BT=seg_BT)[0])(variables)
-  got_BTV, cache = _decode(model, variables, tokens_BT, pos_BT, seg_BT, 11)
+  apply = jax.jit(lambda x, p, s, c: model.apply(variables, x, positions_BT=p, segment_ids_BT=s,
+                                                 cache=c))
+  got_BTV, cache = prefill_then_decode(apply, lm.init_cache(model.cfg, b, t), tokens_BT, pos_BT,
+                                       seg_BT, 11)
   real = np.asarray(seg_BT)[..., None] > 0
   diff_BTV = jnp.where(real, got_BTV - full_BTV, 0)
   if dtype == 'float32':
