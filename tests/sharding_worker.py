@@ -80,6 +80,18 @@ FAMILIES = {
         'model.pattern': 'AFAE', 'model.moe.expert_mlp_dim': 32,
         'model.attention.mla': dict(q_rank=32, kv_rank=16, nope_head_dim=8, rope_head_dim=8,
                                     v_head_dim=8)}),
+    # The linear-time mixers with attention and a MoE / an MLP: heads of G (key and value)
+    # and of M on `tensor` under fsdp_tp, their convolutions and decays with them.
+    'qwen3_next': ('qwen3_next_tiny', {
+        'model.pattern': 'GEAE', 'model.head_dim': 8, 'model.moe.expert_mlp_dim': 32,
+        'model.moe.shared_expert_mlp_dim': 32,
+        'model.deltanet': dict(key_heads=2, value_heads=4, key_head_dim=8, value_head_dim=8)}),
+    'nemotron_h': ('nemotron_h_tiny', {'model.pattern': 'MFAF',
+                                       'model.mamba': dict(head_dim=8, state_dim=8)}),
+    # The attention-ratio hybrids (their pure stacks hold the same mixer parameters).
+    'deltanet_hybrid': ('deltanet_hybrid_tiny', {'model.pattern': 'GFAF'}),
+    'mamba2_hybrid': ('mamba2_hybrid_tiny', {'model.pattern': 'MFAF',
+                                             'model.mamba': dict(head_dim=8, state_dim=8)}),
 }
 # deepseek_v3 with dropless dispatch (sort + ragged_dot) instead of the preset's capacity.
 FAMILIES['deepseek_v3_dropless'] = ('deepseek_v3_tiny', dict(

@@ -24,6 +24,10 @@ MODELS = {
     'llama': dict(pattern='AFAF'),
     'moe': {'pattern': 'AEAE', 'moe.num_experts': 4, 'moe.expert_mlp_dim': 32,
             'moe.bias_update_rate': 1e-3, 'moe.dispatch': 'capacity'},
+    # The linear-time mixers, chunks of 8 so the 16-token rows cross a chunk boundary (their
+    # chunk loops and carried states are what remat and scan must replay).
+    'mixers': {'pattern': 'GMGM', 'deltanet.chunk': 8, 'mamba.chunk': 8,
+               'mamba.head_dim': 8, 'mamba.state_dim': 8},
 }
 BF16_TOLERANCE = 2e-2  # relative, on the loss: bfloat16 keeps 8 bits of mantissa
 
@@ -91,10 +95,11 @@ def test_remat_policies_cover_the_standard_ones():
 
 # Against the unrolled model without remat: every policy on llama, scan on its own and with
 # remat; the MoE model (a mutable routing bias the step updates) scanned, without and with
-# remat, which must carry the collection through both.
+# remat, which must carry the collection through both; G and M under every policy.
 CASES = [('llama', 'none', True), ('llama', 'full', False), ('llama', 'full', True),
          ('llama', 'save_dots', True), ('llama', 'save_dots_no_batch', False),
-         ('moe', 'none', True), ('moe', 'full', True)]
+         ('moe', 'none', True), ('moe', 'full', True)] + [
+             ('mixers', remat, True) for remat in ('none', 'full', 'save_dots', 'save_dots_no_batch')]
 
 
 @pytest.mark.parametrize('name,remat,scan', CASES)

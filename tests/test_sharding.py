@@ -20,7 +20,7 @@ from trainer import step as step_lib
 pytestmark = pytest.mark.xdist_group('sharding')
 
 FAMILIES = sorted(sharding_worker.FAMILIES)
-MOE = ('gpt_oss', 'deepseek_v3', 'deepseek_v3_dropless')
+MOE = ('gpt_oss', 'deepseek_v3', 'deepseek_v3_dropless', 'qwen3_next')
 REGENERATE = ('regenerate with `python -m tests.sharding_worker tables --write` and review the '
               'diff of tests/sharding_tables/')
 
@@ -30,9 +30,12 @@ REGENERATE = ('regenerate with `python -m tests.sharding_worker tables --write` 
 # and deepseek_v3 (MLA, MoE, shared expert, routing bias) under every preset and the other
 # families under the presets that change their layout most (fsdp_tp; fsdp_ep for MoE).
 FULL = os.environ.get('ARCHLAB_SHARDING_QUICK') != '1'
+# The attention-ratio hybrids hold the parameters of qwen3_next's G and nemotron_h's M (which
+# run under every preset) with llama's attention: fsdp_tp (heads on `tensor`) alone.
+TP_ONLY = ('deltanet_hybrid', 'mamba2_hybrid')
 CASES = [(f, p) for f in FAMILIES for p in sorted(sharding_worker.MESHES)
-         if FULL or f in ('llama', 'deepseek_v3') or (f in MOE and p == 'fsdp_ep') or (
-             p == 'fsdp_tp' and f != 'deepseek_v3_dropless')]
+         if (FULL and f not in TP_ONLY) or f in ('llama', 'deepseek_v3') or (
+             f in MOE and p == 'fsdp_ep') or (p == 'fsdp_tp' and f != 'deepseek_v3_dropless')]
 
 
 @pytest.fixture(scope='module')
