@@ -250,6 +250,10 @@ def write_report(sweep_dir: str, loss: str = 'bits_per_byte', n_bootstrap: int =
              f'--n_bootstrap={n_bootstrap}'
              + (f' --loss_levels={",".join(map(str, levels))}' if loss_levels else ''))
   images = plot_all(sweep, fits, levels, LOSSES[loss][1])
+  ratio = attention_ratio(sweep)
+  if ratio:
+    images['attention_ratio'] = 'attention_ratio.png'
+    _save(plot_attention_ratio(ratio, LOSSES[loss][1]), sweep.path, images['attention_ratio'])
   result = {
       'sweep_dir': sweep.path, 'sweep': sweep.config, 'baseline': baseline_of(sweep),
       'loss': loss, 'loss_field': LOSSES[loss][0], 'n_bootstrap': n_bootstrap,
@@ -265,6 +269,7 @@ def write_report(sweep_dir: str, loss: str = 'bits_per_byte', n_bootstrap: int =
       'compute_multipliers': {'baseline': baseline_of(sweep), 'loss_levels': levels,
                               'loss_levels_chosen': how,
                               'by_architecture': {a: m.to_dict() for a, m in mults.items()}},
+      'attention_ratio': ratio,
       'images': images,
   }
   _write(os.path.join(sweep.path, 'fits.json'), json.dumps(result, indent=1, allow_nan=False))
@@ -272,6 +277,79 @@ def write_report(sweep_dir: str, loss: str = 'bits_per_byte', n_bootstrap: int =
          markdown(sweep, fits, mults, levels, how, loss, n_bootstrap, command,
                   result['report_code_version'], images))
   return result
+
+
+# Loss against the attention fraction, for a sweep whose config maps its architectures to a
+# mixer and an attention fraction (configs/sweeps/attention_ratio.py).
+
+
+def attention_ratio(sweep: Sweep) -> list[dict]:
+  """Rows of (mixer, budget, attention fraction): the seeds' losses, their mean, min, max and
+  standard deviation (ddof 1; None for one seed), for sweeps whose config has
+  `attention_fraction` and `mixer` maps (architecture -> value); [] for any other sweep."""
+  fractions, mixers = sweep.config.get('attention_fraction'), sweep.config.get('mixer')
+  if not fractions or not mixers:
+    return []
+  groups = {}
+  for arch, points in sweep.points.items():
+    if arch not in fractions or arch not in mixers:
+      continue
+    for p in points:
+      key = (mixers[arch], p['budget'], float(fractions[arch]))
+      groups.setdefault(key, []).append(p)
+  rows = []
+  for (mixer, budget, fraction), points in sorted(groups.items()):
+    losses = [p['loss'] for p in sorted(points, key=lambda p: p['name'])]
+    rows.append({'mixer': mixer, 'budget': budget, 'attention_fraction': fraction,
+                 'runs': sorted(p['name'] for p in points), 'losses': losses,
+                 'mean': float(np.mean(losses)), 'min': min(losses), 'max': max(losses),
+                 'std': float(np.std(losses, ddof=1)) if len(losses) > 1 else None})
+  return rows
+
+
+def _attention_ratio_section(sweep: Sweep, unit: str, images: dict) -> list[str]:
+  rows = attention_ratio(sweep)
+  if not rows:
+    return []
+  seeds = sorted({len(r['losses']) for r in rows})
+  out = ['## Loss against the attention fraction', '',
+         f'Final evaluation {unit} of each mixer\'s hybrid against the fraction of its mixer '
+         f'layers that are global attention, at equal training FLOPs: mean over seeds '
+         f'({"/".join(map(str, seeds))} per point), bars from the lowest to the highest seed.',
+         '']
+  out += _table(['mixer', 'budget', 'attention fraction', 'mean', 'min', 'max', 'std', 'seeds'],
+                [[r['mixer'], f'{r["budget"]:.3g}', f'{r["attention_fraction"]:g}',
+                  f'{r["mean"]:.4f}', f'{r["min"]:.4f}', f'{r["max"]:.4f}',
+                  'n/a' if r['std'] is None else f'{r["std"]:.4f}', str(len(r['losses']))]
+                 for r in rows])
+  out += [f'![loss against the attention fraction]({images["attention_ratio"]})', '']
+  return out
+
+
+def plot_attention_ratio(rows: list[dict], unit: str):
+  """One line per mixer (and budget, when there are several): the seeds' mean loss against
+  the attention fraction, bars from the seeds' min to max."""
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  budgets = sorted({r['budget'] for r in rows})
+  styles = ['-', '--', ':', '-.']
+  for (mixer, color) in zip(sorted({r['mixer'] for r in rows}), plt.get_cmap('tab10').colors):
+    for budget, style in zip(budgets, styles * len(budgets)):
+      line = sorted((r for r in rows if r['mixer'] == mixer and r['budget'] == budget),
+                    key=lambda r: r['attention_fraction'])
+      if not line:
+        continue
+      x = np.array([r['attention_fraction'] for r in line])
+      mean = np.array([r['mean'] for r in line])
+      low, high = mean - [r['min'] for r in line], [r['max'] for r in line] - mean
+      label = mixer if len(budgets) == 1 else f'{mixer}, C={budget:.2g}'
+      ax.errorbar(x, mean, yerr=[low, high], fmt='o' + style, color=color, capsize=4,
+                  label=label)
+  ax.set_xticks(sorted({r['attention_fraction'] for r in rows}))
+  ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f'{v:g}'))
+  ax.set(xlabel='fraction of mixer layers that are attention', ylabel=f'loss ({unit})',
+         title='Loss against the attention fraction (bars: min to max over seeds)')
+  ax.legend(fontsize=8)
+  return fig
 
 
 # Markdown.
@@ -345,6 +423,7 @@ def markdown(sweep: Sweep, fits: dict[str, ArchitectureFits], mults: dict, level
   out += [f'  - left out `{name}`: {reason}' for name, reason in sweep.excluded]
   out += ['']
 
+  out += _attention_ratio_section(sweep, unit, images)
   out += ['## Approach 2: isoFLOP parabolas', '',
           'Per budget, a parabola of loss in log N; its vertex is the compute-optimal N. '
           'D_opt = C / (training FLOPs per token at N_opt), the FLOPs per token interpolated '
@@ -558,8 +637,12 @@ def plot_allocation(fits: dict[str, ArchitectureFits]):
         ax.plot(grid, p.optimal_allocation(grid)[index], '--', color=color,
                 label=f'{arch} approach 3 (C = 6ND)')
   for ax, name in zip(axes, ('N* (parameters)', 'D* (tokens)')):
-    ax.set_xscale('log')
-    ax.set_yscale('log')
+    if not any(len(line.get_xdata()) for line in ax.get_lines()) and not ax.collections:
+      ax.text(0.5, 0.5, 'no isoFLOP vertex could be fitted', ha='center', va='center',
+              transform=ax.transAxes)  # (a log scale over no data cannot be drawn)
+    else:
+      ax.set_xscale('log')
+      ax.set_yscale('log')
     ax.set(xlabel='C (training FLOPs)', ylabel=name, title=f'{name.split()[0]} against compute')
     ax.legend(fontsize=7)
   return fig
@@ -620,7 +703,7 @@ def main(argv):
   except ReportError as e:
     sys.exit(f'report: error: {e}')
   print(f'wrote {os.path.join(result["sweep_dir"], "report.md")}, fits.json and '
-        f'{len(result["images"]["isoflop"]) + 3} plots')
+        f'{len(result["images"]["isoflop"]) + 3 + ("attention_ratio" in result["images"])} plots')
 
 
 if __name__ == '__main__':

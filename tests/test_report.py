@@ -178,3 +178,65 @@ def test_unreadable_dirs_get_one_line_errors(tmp_path):
   with pytest.raises(report.ReportError, match=f'^no finished runs in {tmp_path} .1 planned: '
                      '1 failed, 0 pending'):
     report.load(str(tmp_path))
+
+
+def write_ratio_sweep(path, losses):
+  """A sweep dir shaped like configs/sweeps/attention_ratio.py's: `losses[(mixer, fraction)]`
+  holds one final bits-per-byte per seed, all at one budget and one width."""
+  runs, fractions, mixers = [], {}, {}
+  for (mixer, fraction), seeds in losses.items():
+    arch = f'{mixer}_a{fraction}'.replace('.', '_')
+    fractions[arch], mixers[arch] = fraction, mixer
+    for seed, bpb in enumerate(seeds):
+      name = f'{arch}_C1e11_d64_s{seed}'
+      N, D = 4.5e5 + 1e4 * fraction, 2.5e4 * (1 + fraction)
+      runs.append(dict(name=name, architecture=arch, budget=1e11, width=64, seed=seed, params=N,
+                       tokens=D, train_flops_per_token=1e11 / D, status='finished'))
+      os.makedirs(os.path.join(path, 'runs', name))
+      with open(os.path.join(path, 'runs', name, 'summary.json'), 'w') as f:
+        json.dump(dict(params=N, params_non_embedding=N, tokens=D, flops=1.001e11,
+                       final_eval_loss=bpb * np.log(2), final_eval_bits_per_byte=bpb,
+                       wall_time_sec=1.0, config={}), f)
+  config = dict(name='attention_ratio_synthetic', architectures=list(fractions),
+                baseline=list(fractions)[-1], budgets=[1e11], sizes=1, seeds=[0, 1], widths=[64],
+                tokens_per_param=20.0, seq_len=64, batch_size=8, attention_fraction=fractions,
+                mixer=mixers)
+  with open(os.path.join(path, 'sweep.json'), 'w') as f:
+    json.dump(dict(sweep=config, code_version='abc123', command='sweep.py', runs=runs), f)
+  return str(path)
+
+
+def test_attention_ratio_plot_and_table_from_a_synthetic_sweep(tmp_path):
+  """One line per mixer of the seeds' mean against the fraction, min-max bars; the table holds
+  each point's mean, min, max and standard deviation over its seeds."""
+  losses = {('deltanet', 0.0): [3.10, 3.20], ('deltanet', 0.25): [2.90, 2.96],
+            ('deltanet', 1.0): [3.00, 3.04], ('mamba2', 0.0): [3.30, 3.36],
+            ('mamba2', 0.25): [2.95, 3.05], ('mamba2', 1.0): [3.00, 3.04]}
+  sweep_dir = write_ratio_sweep(tmp_path, losses)
+  result = report.write_report(sweep_dir, n_bootstrap=5)
+  rows = {(r['mixer'], r['attention_fraction']): r for r in result['attention_ratio']}
+  assert set(rows) == set(losses)
+  for key, seeds in losses.items():
+    r = rows[key]
+    assert r['losses'] == pytest.approx(seeds) and r['mean'] == pytest.approx(np.mean(seeds))
+    assert (r['min'], r['max']) == pytest.approx((min(seeds), max(seeds)))
+    assert r['std'] == pytest.approx(np.std(seeds, ddof=1)) and len(r['runs']) == 2
+  text = open(os.path.join(sweep_dir, 'report.md')).read()
+  assert '## Loss against the attention fraction' in text
+  assert '| mamba2 | 1e+11 | 0.25 | 3.0000 | 2.9500 | 3.0500 | 0.0707 | 2 |' in text
+  assert '![loss against the attention fraction](attention_ratio.png)' in text
+  assert result['images']['attention_ratio'] == 'attention_ratio.png'
+  with open(os.path.join(sweep_dir, 'attention_ratio.png'), 'rb') as f:
+    assert f.read(8) == PNG_MAGIC
+  assert os.path.getsize(os.path.join(sweep_dir, 'attention_ratio.png')) > 10_000
+  # The plot's lines are the means, in fraction order, with min-max bars.
+  fig = report.plot_attention_ratio(result['attention_ratio'], 'bits per byte')
+  bars = {c.get_label(): c for c in fig.axes[0].containers}  # errorbar: line, caps, bar lines
+  assert set(bars) == {'deltanet', 'mamba2'}
+  line, _, (segments,) = bars['mamba2']
+  np.testing.assert_allclose(line.get_xdata(), [0.0, 0.25, 1.0])
+  np.testing.assert_allclose(line.get_ydata(), [3.33, 3.0, 3.02])
+  np.testing.assert_allclose([s[:, 1] for s in segments.get_segments()],
+                             [[3.30, 3.36], [2.95, 3.05], [3.00, 3.04]])
+  # A sweep without the fraction maps has no such section.
+  assert report.attention_ratio(report.load(write_sweep(tmp_path / 'plain', [1e18]))) == []

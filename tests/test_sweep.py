@@ -29,6 +29,7 @@ def test_quick_plan_has_the_stated_grid_centred_on_the_optimum(tmp_path):
   # cpu_small: 5 sizes per budget around sqrt(C / (6 x 80)) parameters, strictly inside.
   sweep = arch_compare.get_config('preset=cpu_small')
   runs = sweep_lib.plan(arch_compare, sweep, str(tmp_path))
+  assert {r.architecture for r in runs} == set(arch_compare.ARCHITECTURES)
   for budget in sweep.budgets:
     sizes = sorted(r.params for r in runs if r.budget == budget and r.architecture == 'llama')
     assert len(sizes) == 5
@@ -43,6 +44,12 @@ def test_ladder_rule():
   assert fields['model.pattern'] == 'AF' * 4 and fields['model.mlp_dim'] == 256
   assert arch_compare.size_overrides('gpt2', 96, sweep)['model.mlp_dim'] == 384
   assert arch_compare.size_overrides('llama', 2048, sweep)['model.pattern'] == 'AF' * 12
+  # The hybrids: a quarter of the mixers attention (Qwen3-Next's 3:1), Mamba-2 heads of 16.
+  assert arch_compare.size_overrides('deltanet_hybrid', 192, sweep)['model.pattern'] == (
+      'GFGFGFAF' * 2)
+  mamba = arch_compare.size_overrides('mamba2_hybrid', 96, sweep)
+  assert mamba['model.pattern'] == 'MFMFMFAF' and mamba['model.mamba.num_heads'] == 12
+  assert mamba['model.mamba.head_dim'] == 16
 
 
 def test_runs_skip_finished_and_record_failures(tmp_path, monkeypatch):
@@ -168,3 +175,29 @@ def test_refusals_are_one_line_naming_what_is_wrong(tmp_path, monkeypatch):
           f'{bare}:x')
   refused(f'sweep file {tmp_path / "none.py"} does not exist', sweep_lib.load_sweep,
           str(tmp_path / 'none.py'))
+
+
+def test_attention_ratio_sweep_expands_to_every_fraction_of_both_mixers(tmp_path):
+  """configs/sweeps/attention_ratio.py:preset=quick: 2 mixers x 5 fractions x 2 seeds, one
+  budget and one width for all, the pattern's share of attention layers the architecture's."""
+  sweep, module = sweep_lib.load_sweep('configs/sweeps/attention_ratio.py:preset=quick')
+  runs = sweep_lib.plan(module, sweep, str(tmp_path))
+  assert len(runs) == 2 * 5 * 2
+  assert {r.budget for r in runs} == {1e11} and {r.width for r in runs} == {64}
+  seen = set()
+  for r in runs:
+    fraction, mixer = sweep.attention_fraction[r.architecture], sweep.mixer[r.architecture]
+    char = {'deltanet': 'G', 'mamba2': 'M'}[mixer]
+    pattern = next(c.split('=', 1)[1] for c in r.command if c.startswith('--config.model.pattern='))
+    mixers = pattern[::2]
+    assert len(mixers) == 8 and set(mixers) <= {'A', char} and set(pattern[1::2]) == {'F'}
+    assert mixers.count('A') == round(8 * fraction), (r.name, pattern)
+    assert f'--config.train.flops={r.budget}' in r.command
+    seen.add((mixer, fraction, r.seed))
+  assert seen == {(m, f, s) for m in ('deltanet', 'mamba2')
+                  for f in (0.0, 0.125, 0.25, 0.5, 1.0) for s in (0, 1)}
+  # Fraction 1 is the same transformer whichever family it starts from.
+  full = {sweep.mixer[r.architecture]: r for r in runs if sweep.attention_fraction[
+      r.architecture] == 1.0 and r.seed == 0}
+  assert full['deltanet'].params == full['mamba2'].params
+  assert 'GFGFGFAFGFGFGFAF' == module.size_overrides('deltanet_a1_4', 64, sweep)['model.pattern']

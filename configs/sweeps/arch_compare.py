@@ -12,7 +12,9 @@ Presets:
 The ladder (one rule for every architecture): width d from WIDTHS, head dim 16 below d=256
 and 64 from there (d/16 or d/64 heads; half as many kv heads where the family uses GQA),
 depth round(d / 24) clipped to [2, 12] (48 beyond d=1024 in the pod preset), MLP 4d (GELU)
-or 8d/3 rounded to 16 (gated). For each budget C the sizes are the `sizes` widths centred on
+or 8d/3 rounded to 16 (gated); the hybrids make round(0.25 x depth) of their mixer layers
+attention (none at 2 layers, 1 of 4 at d=96) and give Mamba-2 heads of the same head dim,
+expand 2. For each budget C the sizes are the `sizes` widths centred on
 the one whose parameter count is closest to sqrt(C / (6 r)), r the preset's tokens per
 parameter (Chinchilla's 20 for `pod` and `quick`, 80 for `cpu_small`; C = 6 N D); each run
 trains on C / (training FLOPs per token) tokens (the trainer's `train.flops` budget).
@@ -52,6 +54,15 @@ ARCHITECTURES = {
                   gated=True, gqa=True, overrides={}),
     'gpt2': dict(config='configs/transformer.py', arg='preset=gpt2_tiny', unit='AF',
                  gated=False, gqa=False, overrides={}),
+    # Hybrids: `depth` (mixer, MLP) layers, round(attention_fraction x depth) of whose mixers
+    # are attention, spread evenly (configs.common.hybrid_pattern); Qwen3-Next's 1 in 4.
+    # configs/sweeps/attention_ratio.py varies the fraction.
+    'deltanet_hybrid': dict(config='configs/transformer.py', arg='preset=deltanet_hybrid_tiny',
+                            unit='GF', mixer='G', attention_fraction=0.25, gated=True, gqa=True,
+                            overrides={}),
+    'mamba2_hybrid': dict(config='configs/transformer.py', arg='preset=mamba2_hybrid_tiny',
+                          unit='MF', mixer='M', attention_fraction=0.25, gated=True, gqa=True,
+                          overrides={}),
 }
 
 
@@ -86,13 +97,21 @@ def size_overrides(architecture: str, d: int, sweep: ml_collections.ConfigDict) 
   heads = max(1, d // (16 if d < 256 else 64))
   kv_heads = heads // 2 if arch['gqa'] and heads % 2 == 0 else heads
   depth = min(sweep.max_layers, max(2, round(d / 24)))
+  pattern = arch['unit'] * depth
+  mixer_fields = {}
+  if 'mixer' in arch:
+    pattern = common.hybrid_pattern(arch['mixer'], arch['attention_fraction'], depth)
+  if arch.get('mixer') == 'M':  # Mamba-2 heads of the ladder's head dim, expand 2
+    head_dim = 16 if d < 256 else 64
+    mixer_fields = {'model.mamba.num_heads': 2 * d // head_dim, 'model.mamba.head_dim': head_dim}
   return {
       'model.d_model': d,
       'model.num_heads': heads,
       'model.num_kv_heads': kv_heads,
       'model.head_dim': 0,
       'model.mlp_dim': 16 * round(8 * d / 3 / 16) if arch['gated'] else 4 * d,
-      'model.pattern': arch['unit'] * depth,
+      'model.pattern': pattern,
       'optim.lr': round(3e-3 * (128 / d) ** 0.5, 6),
+      **mixer_fields,
       **arch['overrides'],
   }

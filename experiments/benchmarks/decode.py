@@ -3,6 +3,7 @@
   python -m experiments.benchmarks.decode                         # both parts
   python -m experiments.benchmarks.decode --part=hf --new_tokens=128
   python -m experiments.benchmarks.decode --part=context --contexts=1024,4096
+  python -m experiments.benchmarks.decode --part=context --stacks=G,M,A
 
 Part `hf`: `llama_small` (random weights, byte vocabulary) exported to a transformers
 checkpoint and loaded there (float32, the eager PyTorch model), and the same weights in
@@ -13,9 +14,12 @@ compute the same thing. Target: archlab at least 2x transformers' tokens/s.
 
 Part `context`: one stack of each cache kind at llama_small's width (6 layers, d=384): `A`
 (GQA, 2 kv heads: a cache growing with the context), `W` (window 1024: a ring of 1024 slots)
-and MLA (`A` with attention.kind='mla', kv rank 128 + RoPE 32: the latent cache), batch 1. For
-each context length the prompt is prefilled and `--context_tokens` tokens are timed decoding;
-the table gives tokens/s and the cache's bytes. The mixers to come add their rows here.
+MLA (`A` with attention.kind='mla', kv rank 128 + RoPE 32: the latent cache), and the
+linear-time mixers, whose cache is a convolution window and a float32 state of a size that
+does not depend on the context: `G` (gated DeltaNet, 6 key and value heads of 64: a 64 x 64
+state per head) and `M` (Mamba-2, 12 heads of 64, expand 2, state 128); batch 1. For each
+context length the prompt is prefilled and `--context_tokens` tokens are timed decoding; the
+table gives tokens/s and the cache's bytes.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'hf: timed runs per system (median
 _CONTEXTS = flags.DEFINE_list('contexts', ['1024', '2048', '4096', '8192', '16384', '32768'],
                               'context: prompt lengths.')
 _CONTEXT_TOKENS = flags.DEFINE_integer('context_tokens', 32, 'context: decoded tokens timed.')
+_STACKS = flags.DEFINE_list('stacks', [], 'context: only these stacks (A, W, MLA, G, M); all '
+                            'by default.')
 
 
 def llama_small_config():
@@ -118,8 +124,8 @@ def part_hf():
           f'{decode_only:20.1f}')
 
 
-def stacks():
-  """One config per cache kind, llama_small's width and depth."""
+def stacks(only=()):
+  """One config per cache kind, llama_small's width and depth (`only`: these kinds)."""
   base = llama_small_config()
   a = base.model.to_dict()
   w = dict(a, pattern='WF' * 6)
@@ -127,15 +133,19 @@ def stacks():
   mla = dict(a, num_kv_heads=6)
   mla['attention'] = dict(a['attention'], kind='mla', mla=dict(
       q_rank=0, kv_rank=128, nope_head_dim=64, rope_head_dim=32, v_head_dim=64, norm_eps=0.0))
+  g = dict(a, pattern='GF' * 6, position='none')  # deltanet defaults: num_heads heads of 64
+  ssm = dict(a, pattern='MF' * 6, position='none')  # mamba defaults: expand 2, 64, state 128
   import ml_collections  # pylint: disable=g-import-not-at-top
   return {name: ml_collections.ConfigDict(m) for name, m in
-          (('A (GQA 6/2)', a), ('W (window 1024)', w), ('MLA (rank 128 + 32)', mla))}
+          (('A (GQA 6/2)', a), ('W (window 1024)', w), ('MLA (rank 128 + 32)', mla),
+           ('G (6 heads, 64 x 64)', g), ('M (12 heads, state 128)', ssm))
+          if not only or name.split()[0] in only}
 
 
 def part_context():
   rows = []
   new = _CONTEXT_TOKENS.value
-  for name, model_config in stacks().items():
+  for name, model_config in stacks(_STACKS.value).items():
     model = models.build(model_config)
     variables = random_variables(model)
     for context in (int(c) for c in _CONTEXTS.value):
@@ -152,7 +162,7 @@ def part_context():
   print(f'\ndecode tokens/s (batch 1, {new} tokens after the prefill) and cache bytes, float32:')
   contexts = [int(c) for c in _CONTEXTS.value]
   print(f'{"stack":22s} ' + ' '.join(f'{c:>14d}' for c in contexts))
-  for name in stacks():
+  for name in stacks(_STACKS.value):
     cells = {c: (s, b) for n, c, s, b, _ in rows if n == name}
     print(f'{name:22s} ' + ' '.join(f'{cells[c][0]:6.0f}/{cells[c][1] / 2**20:6.1f}M'
                                     for c in contexts))
