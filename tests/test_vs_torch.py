@@ -171,3 +171,52 @@ def test_step_bound_runs_and_reports():
   assert pieces > 0 and result['bound_tokens_per_sec'] == pytest.approx(32 / pieces)
   report = step_bound.format_report([result], {16: result['bound_tokens_per_sec'] / 2})
   assert 'at most 2.00x torch.compile' in report and 'weight grad' in report
+
+
+def test_mixers_benchmark_runs_and_reports():
+  """experiments/benchmarks/mixers.py at its smallest: each torch pair agrees (compare_torch
+  raises otherwise) and is timed; G, M and A are timed at one length (the crossover arithmetic is tested below); both reports
+  print."""
+  from experiments.benchmarks import mixers
+  rows = mixers.compare_torch(1, 40, 2, 8, 8, 16, repeats=1, rtol=1e-4)
+  assert [(r['name'], r['checked']) for r in rows] == [('G core', 6), ('M core', 7),
+                                                       ('M layer', 10)]
+  for r in rows:
+    assert r['archlab'] > 0 and r['transformers'] > 0 and r['max_error'] <= 1e-4
+    assert r['ratio'] == pytest.approx(r['archlab'] / r['transformers'])
+  text = mixers.format_torch(rows, 1, 40, 2, 8, 8, 16, 1)
+  assert 'batch 1 x 40, 2 heads of 8, state 8' in text and f'{rows[2]["ratio"]:.2f}x' in text
+  seconds = mixers.time_vs_length([16], 1, 2, 8, 8, 16, repeats=1, log=lambda *_: None)
+  assert set(seconds) == {'G', 'M', 'A'} and all(len(v) == 1 and min(v) > 0
+                                                 for v in seconds.values())
+  text = mixers.format_lengths([16], seconds, 1, 2, 8, 8)
+  assert 'G overtakes A: ' in text and 'M overtakes A: ' in text and 'd_model 16' in text
+
+
+def test_mixers_crossover_and_mismatch():
+  from experiments.benchmarks import mixers
+  lengths = [512, 1024, 2048]
+  # mixer / attention = 4, 2, 0.5: log ratio crosses 0 halfway (in log length) to 2048.
+  assert mixers.crossover(lengths, [4.0, 2.0, 1.0], [1.0, 1.0, 2.0]) == pytest.approx(
+      1024 * 2 ** 0.5)
+  assert mixers.crossover(lengths, [1.0, 1.0, 1.0], [2.0, 3.0, 4.0]) == 512
+  assert mixers.crossover(lengths, [2.0, 2.0, 1.0], [1.0, 1.0, 1.0]) is None
+  mixers.check_close('o', np.ones(3), np.ones(3) + 5e-5, 1e-4)
+  with pytest.raises(mixers.MismatchError, match=r'G core dq: max \|difference\| 2.00e-04'):
+    mixers.check_close('G core dq', np.ones(3), np.ones(3) + 2e-4, 1e-4)
+
+
+def test_decode_benchmark_mixer_rows_keep_a_constant_cache():
+  """The decode benchmark's G and M rows: their caches are the same size at any context,
+  attention's grows with it."""
+  from experiments.benchmarks import decode
+  from models import lm
+  sizes = {}
+  for name, cfg in decode.stacks().items():
+    cfg = models.build(cfg).cfg
+    sizes[name.split()[0]] = [sum(x.nbytes for x in jax.tree.leaves(lm.init_cache(cfg, 1, n)))
+                              for n in (1024, 32768)]
+  assert set(sizes) == {'A', 'W', 'MLA', 'G', 'M'}
+  assert sizes['G'][0] == sizes['G'][1] > 0 and sizes['M'][0] == sizes['M'][1] > 0
+  assert sizes['A'][1] > 20 * sizes['A'][0]
+  assert list(decode.stacks(['G', 'M'])) == ['G (6 heads, 64 x 64)', 'M (12 heads, state 128)']

@@ -38,13 +38,16 @@ import numpy as np
 
 import models
 from configs import transformer
+from experiments.benchmarks import shared_flag
 from models import decode
 from models import hf
 from models import lm
 
-_PART = flags.DEFINE_enum('part', 'all', ['all', 'hf', 'context'], 'Which part to run.')
+_PART = shared_flag('part', lambda: flags.DEFINE_enum('part', 'all', ['all', 'hf', 'context'],
+                                                     'Which part to run.'))
 _NEW = flags.DEFINE_integer('new_tokens', 128, 'hf: tokens generated per prompt.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'hf: timed runs per system (median).')
+_REPEATS = shared_flag('repeats', lambda: flags.DEFINE_integer(
+    'repeats', 3, 'hf: timed runs per system (median).'))
 _CONTEXTS = flags.DEFINE_list('contexts', ['1024', '2048', '4096', '8192', '16384', '32768'],
                               'context: prompt lengths.')
 _CONTEXT_TOKENS = flags.DEFINE_integer('context_tokens', 32, 'context: decoded tokens timed.')

@@ -45,23 +45,32 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import transformer
+from experiments.benchmarks import shared_flag
 from models import lm
 from models.layers import deltanet
 from models.layers import mamba2
 from models.layers import short_conv
 
-_PART = flags.DEFINE_enum('part', 'all', ['all', 'torch', 'length'], 'Which part to run.')
-_BATCH = flags.DEFINE_integer('batch', 2, 'Rows per call.')
-_SEQ_LEN = flags.DEFINE_integer('seq_len', 2048, 'torch: the row length.')
-_HEADS = flags.DEFINE_integer('heads', 8, 'Heads of every mixer.')
-_HEAD_DIM = flags.DEFINE_integer('head_dim', 64, 'Head dim (G: key and value head dim).')
-_STATE = flags.DEFINE_integer('state', 64, 'M: state dim (G\'s state is head_dim x head_dim).')
-_CHUNK = flags.DEFINE_integer('chunk', 64, 'Chunk length of both chunked forms.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed calls per system (median).')
-_RTOL = flags.DEFINE_float('rtol', 1e-4, 'torch: agreement required, of the largest entry.')
-_LENGTHS = flags.DEFINE_list('lengths', ['512', '1024', '2048', '4096', '8192', '16384'],
-                             'length: row lengths.')
-_MAX_LEN = flags.DEFINE_integer('max_len', 16384, 'length: skip lengths above this (CPU time).')
+_PART = shared_flag('part', lambda: flags.DEFINE_enum(
+    'part', 'all', ['all', 'torch', 'length'], 'Which part to run.'))
+_BATCH = shared_flag('batch', lambda: flags.DEFINE_integer('batch', 2, 'Rows per call.'))
+_SEQ_LEN = shared_flag('seq_len', lambda: flags.DEFINE_integer(
+    'seq_len', 2048, 'torch: the row length.'))
+_HEADS = shared_flag('heads', lambda: flags.DEFINE_integer('heads', 8, 'Heads of every mixer.'))
+_HEAD_DIM = shared_flag('head_dim', lambda: flags.DEFINE_integer(
+    'head_dim', 64, 'Head dim (G: key and value head dim).'))
+_STATE = shared_flag('state', lambda: flags.DEFINE_integer(
+    'state', 64, "M: state dim (G's state is head_dim x head_dim)."))
+_CHUNK = shared_flag('chunk', lambda: flags.DEFINE_integer(
+    'chunk', 64, 'Chunk length of both chunked forms.'))
+_REPEATS = shared_flag('repeats', lambda: flags.DEFINE_integer(
+    'repeats', 3, 'Timed calls per system (median).'))
+_RTOL = shared_flag('rtol', lambda: flags.DEFINE_float(
+    'rtol', 1e-4, 'torch: agreement required, of the largest entry.'))
+_LENGTHS = shared_flag('lengths', lambda: flags.DEFINE_list(
+    'lengths', ['512', '1024', '2048', '4096', '8192', '16384'], 'length: row lengths.'))
+_MAX_LEN = shared_flag('max_len', lambda: flags.DEFINE_integer(
+    'max_len', 16384, 'length: skip lengths above this (CPU time).'))
 
 TARGET_RATIO = 0.5   # issue 17: ours at least 2x faster than transformers
 TARGET_GROWTH = 10   # issue 17: time at 16384 / time at 2048 <= 10 for G and M
