@@ -4,6 +4,7 @@ PyTorch implementations, and against attention as the row grows.
   python -m experiments.benchmarks.mixers                           # both parts
   python -m experiments.benchmarks.mixers --part=torch              # batch 2 x 2048
   python -m experiments.benchmarks.mixers --part=length --max_len=8192
+  python -m experiments.benchmarks.mixers --part=length --chars=G,M --lengths=2048,16384
 
 Part `torch`: forward + backward, float32, on the CPU, of the same computation on identical
 shapes (`--batch` 2, `--seq_len` 2048, `--heads` 8 of `--head_dim` 64, state `--state` 64,
@@ -69,6 +70,8 @@ _RTOL = shared_flag('rtol', lambda: flags.DEFINE_float(
     'rtol', 1e-4, 'torch: agreement required, of the largest entry.'))
 _LENGTHS = shared_flag('lengths', lambda: flags.DEFINE_list(
     'lengths', ['512', '1024', '2048', '4096', '8192', '16384'], 'length: row lengths.'))
+_CHARS = shared_flag('chars', lambda: flags.DEFINE_list(
+    'chars', ['G', 'M', 'A'], 'length: the sublayers timed (A alone is the slow one at 16384).'))
 _MAX_LEN = shared_flag('max_len', lambda: flags.DEFINE_integer(
     'max_len', 16384, 'length: skip lengths above this (CPU time).'))
 
@@ -410,7 +413,9 @@ def main(argv):
     print(format_torch(rows, b, _SEQ_LEN.value, heads, hd, st, chunk, rep), flush=True)
   if _PART.value in ('all', 'length'):
     lengths = [int(x) for x in _LENGTHS.value if int(x) <= _MAX_LEN.value]
-    seconds = time_vs_length(lengths, b, heads, hd, st, chunk, rep)
+    if not set(_CHARS.value) <= {'G', 'M', 'A'}:
+      raise app.UsageError(f'--chars={",".join(_CHARS.value)}: each must be G, M or A')
+    seconds = time_vs_length(lengths, b, heads, hd, st, chunk, rep, chars=tuple(_CHARS.value))
     print(format_lengths(lengths, seconds, b, heads, hd, st))
 
 
