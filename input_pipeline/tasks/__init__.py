@@ -23,10 +23,11 @@ from input_pipeline import corpus as corpus_lib
 from input_pipeline import pipeline
 from input_pipeline import tokenizer as tokenizer_lib
 from input_pipeline.tasks import mad, mqar, niah  # noqa: F401  (registers the tasks)
-from input_pipeline.tasks.base import SPLITS, TASKS, Task, parse_one, parse_specs, register
+from input_pipeline.tasks.base import (SPLITS, TASKS, Task, parse_one, parse_specs, register,
+                                       spec_of)
 
 __all__ = ['SPLITS', 'SUITES', 'TASKS', 'Task', 'TaskRows', 'build', 'build_datasets',
-           'corpus_text', 'parse_one', 'parse_specs', 'register', 'suite']
+           'corpus_text', 'parse_one', 'parse_specs', 'register', 'spec_of', 'suite']
 
 # What `experiments.evaluate --tasks=NAME` scores for a suite name (any task name is a suite
 # of itself at its defaults). MQAR: Zoology's training grid at vocabulary 8192; MAD: the five

@@ -72,9 +72,12 @@ class Task:
   @property
   def spec(self) -> str:
     """The canonical spec: the name and the options that differ from the defaults."""
-    changed = [f'{k}={_format(v)}' for k, v in sorted(self.options.items())
-               if v != self.DEFAULTS[k]]
-    return self.NAME + (':' + ','.join(changed) if changed else '')
+    return spec_of(type(self), self.options)
+
+  @property
+  def setting(self) -> str:
+    """The spec without the dataset sizes: what the instances depend on."""
+    return spec_of(type(self), self.options, dataset=False)
 
   @property
   def num_symbols(self) -> int:
@@ -115,6 +118,16 @@ class Task:
     train_all = self.TRAIN_ALL_TOKENS and split == 'train'
     weights = np.ones_like(answer, np.float32) if train_all else answer.astype(np.float32)
     return {'inputs': inputs, 'targets': targets, 'weights': weights, 'answer': answer}
+
+
+def spec_of(cls: type, options: dict, dataset: bool = True) -> str:
+  """`name:key=value,...` with the options that differ from the class's defaults, sorted;
+  without the dataset sizes (`num_train`, `num_test`) unless `dataset`: the setting, which is
+  what evaluation results are keyed by."""
+  skip = () if dataset else ('num_train', 'num_test')
+  changed = [f'{k}={_format(v)}' for k, v in sorted(options.items())
+             if v != cls.DEFAULTS[k] and k not in skip]
+  return cls.NAME + (':' + ','.join(changed) if changed else '')
 
 
 def _format(value) -> str:
