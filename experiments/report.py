@@ -449,8 +449,11 @@ def plot_capability(rows: list[dict]):
     ax.title.set_fontsize(8)
   for ax in list(axes.flat)[len(tasks):]:
     ax.axis('off')
-  handles, labels = axes.flat[0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc='lower center', ncol=min(4, len(models)), fontsize=8,
+  legend = {}
+  for ax in axes.flat:
+    for handle, label in zip(*ax.get_legend_handles_labels()):
+      legend.setdefault(label, handle)
+  fig.legend(list(legend.values()), list(legend), loc='lower center', ncol=min(4, len(models)), fontsize=8,
              bbox_to_anchor=(0.5, -0.02))
   fig.tight_layout(rect=(0, 0.06, 1, 1))
   return fig
