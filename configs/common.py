@@ -102,6 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
       shuffle_seed=0,
       eval_batches=4,
       cache_dir='',              # '' -> $ARCHLAB_CACHE or ~/.cache/archlab
+      task='',                   # 'mqar:seq_len=128,...': train on a synthetic task instead
+                                 # of the corpus (input_pipeline/tasks; `;` mixes several)
   ))
   config.optim = ml_collections.ConfigDict(dict(
       lr=3e-3,

@@ -254,6 +254,10 @@ def write_report(sweep_dir: str, loss: str = 'bits_per_byte', n_bootstrap: int =
   if ratio:
     images['attention_ratio'] = 'attention_ratio.png'
     _save(plot_attention_ratio(ratio, LOSSES[loss][1]), sweep.path, images['attention_ratio'])
+  accuracy = capability(sweep)
+  if accuracy:
+    images['accuracy'] = 'accuracy.png'
+    _save(plot_capability(accuracy), sweep.path, images['accuracy'])
   result = {
       'sweep_dir': sweep.path, 'sweep': sweep.config, 'baseline': baseline_of(sweep),
       'loss': loss, 'loss_field': LOSSES[loss][0], 'n_bootstrap': n_bootstrap,
@@ -270,6 +274,7 @@ def write_report(sweep_dir: str, loss: str = 'bits_per_byte', n_bootstrap: int =
                               'loss_levels_chosen': how,
                               'by_architecture': {a: m.to_dict() for a, m in mults.items()}},
       'attention_ratio': ratio,
+      'capability': accuracy,
       'images': images,
   }
   _write(os.path.join(sweep.path, 'fits.json'), json.dumps(result, indent=1, allow_nan=False))
@@ -352,6 +357,108 @@ def plot_attention_ratio(rows: list[dict], unit: str):
   return fig
 
 
+# Capability accuracy, for runs scored by experiments.evaluate (their eval.json): per model
+# and task setting, the grid point of lowest validation loss for each seed (a capability
+# sweep's `capability` map says which architectures are one model's grid points; any other
+# sweep's architectures are models of one point each), then the spread over seeds.
+
+
+def capability(sweep: Sweep) -> list[dict]:
+  """Rows of (model, task setting, budget): the chosen runs' test accuracy and exact match
+  per seed, their mean, min and max, the decode-state bytes and the chosen grid points;
+  [] when no finished run has an eval.json."""
+  grid = sweep.config.get('capability') or {}
+  chosen: dict[tuple, dict] = {}
+  for run in sweep.runs:
+    workdir = os.path.join(sweep.path, 'runs', run['name'])
+    eval_path, summary_path = (os.path.join(workdir, n) for n in ('eval.json', 'summary.json'))
+    if run.get('state') != 'finished' or not os.path.isfile(eval_path):
+      continue
+    try:
+      with open(eval_path) as f:
+        scored = json.load(f)['tasks']
+      with open(summary_path) as f:
+        val_loss = float(json.load(f)['final_eval_loss'])
+    except (ValueError, KeyError, TypeError, OSError):
+      continue  # an unreadable record is left out, as load() leaves out unreadable summaries
+    meta = grid.get(run['architecture'], {})
+    model = meta.get('model', run['architecture'])
+    for setting, r in scored.items():
+      key = (model, setting, float(run['budget']), run.get('seed', 0))
+      if key not in chosen or val_loss < chosen[key]['val_loss']:
+        chosen[key] = {'val_loss': val_loss, 'run': run['name'], 'accuracy': r['accuracy'],
+                       'exact_match': r['exact_match'], 'state_bytes': r['state_bytes'],
+                       'lr': meta.get('lr'), 'weight_decay': meta.get('weight_decay')}
+  groups: dict[tuple, list[dict]] = {}
+  for (model, setting, budget, _), point in sorted(chosen.items(), key=lambda kv: str(kv[0])):
+    groups.setdefault((model, setting, budget), []).append(point)
+  order = {m: i for i, m in enumerate(dict.fromkeys(
+      grid[a]['model'] for a in sweep.config.get('architectures', []) if a in grid))}
+  rows = []
+  for (model, setting, budget), points in sorted(
+      groups.items(), key=lambda kv: (kv[0][1], order.get(kv[0][0], len(order)), kv[0][0])):
+    acc = [p['accuracy'] for p in points]
+    rows.append({'model': model, 'task': setting, 'budget': budget,
+                 'runs': [p['run'] for p in points], 'accuracy': acc,
+                 'mean': float(np.mean(acc)), 'min': min(acc), 'max': max(acc),
+                 'exact_match': float(np.mean([p['exact_match'] for p in points])),
+                 'state_bytes': points[0]['state_bytes'],
+                 'chosen': [{'lr': p['lr'], 'weight_decay': p['weight_decay']} for p in points]})
+  return rows
+
+
+def _capability_section(sweep: Sweep, images: dict) -> list[str]:
+  rows = capability(sweep)
+  if not rows:
+    return []
+  out = ['## Capability evaluations', '',
+         'Test accuracy on held-out task instances (`experiments.evaluate`: the fraction of '
+         'answer tokens whose argmax is right; exact match: instances with every answer token '
+         'right). For each model, task and seed the learning-rate grid point with the lowest '
+         'validation loss is kept; mean over seeds, [min, max]. State: the decode cache of one '
+         'sequence at the task\'s length.', '']
+  out += _table(['task', 'model', 'budget', 'accuracy', '[min, max]', 'exact match', 'seeds',
+                 'state (KiB)', 'chosen lr / wd'],
+                [[f'`{r["task"]}`', r['model'], f'{r["budget"]:.3g}', f'{r["mean"]:.4f}',
+                  f'[{r["min"]:.4f}, {r["max"]:.4f}]', f'{r["exact_match"]:.4f}',
+                  str(len(r['accuracy'])), f'{r["state_bytes"] / 1024:.1f}',
+                  ', '.join('-' if c['lr'] is None else f'{c["lr"]:g} / {c["weight_decay"]:g}'
+                            for c in r['chosen'])] for r in rows])
+  out += [f'![accuracy against state size]({images["accuracy"]})', '']
+  return out
+
+
+def plot_capability(rows: list[dict]):
+  """One panel per task setting: each model's mean accuracy against its decode-state size,
+  bars from the lowest to the highest seed."""
+  tasks = list(dict.fromkeys(r['task'] for r in rows))
+  cols = min(3, len(tasks))
+  nrows = -(-len(tasks) // cols)
+  fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+  models = list(dict.fromkeys(r['model'] for r in rows))
+  colors = dict(zip(models, plt.get_cmap('tab10').colors * (len(models) // 10 + 1)))
+  for ax, task in zip(axes.flat, tasks):
+    for r in (r for r in rows if r['task'] == task):
+      ax.errorbar([r['state_bytes'] / 1024], [r['mean']], yerr=[[r['mean'] - r['min']],
+                  [r['max'] - r['mean']]], fmt='o', color=colors[r['model']], capsize=3,
+                  label=r['model'])
+    ax.set_xscale('log')
+    ax.set_ylim(-0.02, 1.02)
+    ax.set(title=task if len(task) < 40 else task[:37] + '...', xlabel='state (KiB)',
+           ylabel='accuracy')
+    ax.title.set_fontsize(8)
+  for ax in list(axes.flat)[len(tasks):]:
+    ax.axis('off')
+  legend = {}
+  for ax in axes.flat:
+    for handle, label in zip(*ax.get_legend_handles_labels()):
+      legend.setdefault(label, handle)
+  fig.legend(list(legend.values()), list(legend), loc='lower center', ncol=min(4, len(models)), fontsize=8,
+             bbox_to_anchor=(0.5, -0.02))
+  fig.tight_layout(rect=(0, 0.06, 1, 1))
+  return fig
+
+
 # Markdown.
 
 
@@ -424,6 +531,7 @@ def markdown(sweep: Sweep, fits: dict[str, ArchitectureFits], mults: dict, level
   out += ['']
 
   out += _attention_ratio_section(sweep, unit, images)
+  out += _capability_section(sweep, images)
   out += ['## Approach 2: isoFLOP parabolas', '',
           'Per budget, a parabola of loss in log N; its vertex is the compute-optimal N. '
           'D_opt = C / (training FLOPs per token at N_opt), the FLOPs per token interpolated '

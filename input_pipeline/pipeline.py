@@ -324,6 +324,11 @@ def build_datasets(data_config, *, global_batch_size: int, workdir: str | None,
     ValueError: a bad config field, a glob matching nothing, unreadable data, or too little
       data for one training row or for the evaluation batches; the message names the field.
   """
+  if data_config.get('task'):  # a synthetic task instead of a corpus (input_pipeline/tasks)
+    from input_pipeline import tasks  # pylint: disable=import-outside-toplevel (tasks imports this)
+    return tasks.build_datasets(data_config, global_batch_size=global_batch_size,
+                                workdir=workdir, process_index=process_index,
+                                process_count=process_count)
   _check_config(data_config, global_batch_size, process_index, process_count)
   corpus = corpus_lib.list_corpus_files(data_config)
   files_key = corpus_lib.files_fingerprint(corpus)

@@ -217,7 +217,40 @@ class BpeTokenizer:
     return f'BpeTokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint[:16]})'
 
 
-Tokenizer = ByteTokenizer | BpeTokenizer
+class SymbolTokenizer:
+  """The vocabulary of a synthetic task (input_pipeline/tasks): symbols 0..num_symbols-1, then
+  <pad>, <bos>, <eos>, <mask>. Each symbol counts as one byte, so a task run's "bits per byte"
+  is bits per scored symbol; special tokens count zero. It encodes no text (`encode` refuses)."""
+
+  def __init__(self, num_symbols: int):
+    self.num_symbols = int(num_symbols)
+    self.vocab_size = self.num_symbols + 4
+    self.pad_id, self.bos_id, self.eos_id, self.mask_id = range(self.num_symbols,
+                                                                 self.num_symbols + 4)
+    self.fingerprint = f'{_SYMBOLS_MARKER}-{self.num_symbols}'
+    self.token_bytes_V = np.zeros(self.vocab_size, np.int32)
+    self.token_bytes_V[:self.num_symbols] = 1
+
+  def encode(self, text: str) -> list[int]:
+    raise errors.DataError(f'the task vocabulary ({self.num_symbols} symbols) has no text '
+                           'encoding; text tasks (niah) need a text tokenizer (data.tokenizer)')
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    return [np.asarray(self.encode(t)) for t in texts]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return ' '.join(str(int(i)) for i in ids if 0 <= int(i) < self.num_symbols)
+
+  def save(self, path: str) -> None:
+    atomic_write_text(path, json.dumps({'archlab_tokenizer': _SYMBOLS_MARKER,
+                                        'num_symbols': self.num_symbols}) + '\n')
+
+  def __repr__(self) -> str:
+    return f'SymbolTokenizer(num_symbols={self.num_symbols})'
+
+
+_SYMBOLS_MARKER = 'archlab-symbols-v1'
+Tokenizer = ByteTokenizer | BpeTokenizer | SymbolTokenizer
 _SPECIAL_NAMES = ('pad', 'bos', 'eos', 'mask')
 
 
@@ -271,4 +304,6 @@ def load_tokenizer(path: str) -> Tokenizer:
     content = json.load(f)
   if content.get('archlab_tokenizer') == _BYTES_MARKER:
     return ByteTokenizer()
+  if content.get('archlab_tokenizer') == _SYMBOLS_MARKER:
+    return SymbolTokenizer(content['num_symbols'])
   return BpeTokenizer.from_file(path)

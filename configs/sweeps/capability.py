@@ -1,0 +1,133 @@
+"""What the capability sweeps (configs/sweeps/mqar.py, mad.py) share: the models, at matched
+width and depth, and the size rule that trains one of them on one task at one learning rate.
+
+A sweep "architecture" is a (model, task, learning rate, weight decay) point of the protocol,
+named `<model>_<task>_lr<lr>_wd<wd>`: the runner (experiments/sweep.py) trains each from
+scratch per seed, `experiments.evaluate --sweep_dir` scores them on held-out instances, and
+`experiments.report` keeps, per model, task and seed, the grid point with the lowest
+validation loss (the answer tokens' NLL on the `val` split; the references pick on the test
+accuracy itself), and reports its test accuracy with the spread over seeds and the model's
+decode-state size.
+
+Every model is `layers` blocks of (sequence mixer, MLP) at width d (heads of 16 below d=256,
+64 from there; SwiGLU MLP 8d/3; Mamba-2 heads of the same head dim, expand 2), from the preset
+named in MODELS (which brings its positions and mixer fields):
+
+  attention        A   llama_tiny's attention (RoPE, GQA: half as many kv heads)
+  sliding_window   W   the same over a window of `window` positions (the sweep's field)
+  moe              A   with a mixture-of-experts MLP (E: 4 experts, top 2, capacity dispatch)
+  deltanet         G   gated DeltaNet (no positions)
+  mamba2           M   Mamba-2 (no positions)
+  deltanet_hybrid  G/A half the mixers attention (1 of 2 layers; Qwen3-Next's 1 of 4 needs 4)
+  mamba2_hybrid    M/A the same with Mamba-2
+
+A sublayer that lands later joins by one entry here, e.g. DSA sparse attention as
+`MODELS['dsa'] = dict(preset='dsa_tiny', mixer='S')` or a block-sparse variant the same way;
+every sweep preset that lists all MODELS takes it up, and `models=` names it in any preset.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+import errors
+from configs import common
+from input_pipeline import tasks as tasks_lib
+
+MODELS = {
+    'attention': dict(preset='llama_tiny', mixer='A'),
+    'sliding_window': dict(preset='llama_tiny', mixer='W'),
+    'moe': dict(preset='llama_tiny', mixer='A', mlp='E',
+                overrides={'model.moe.num_experts': 4, 'model.moe.num_experts_per_tok': 2,
+                           'model.moe.dispatch': 'capacity'}),
+    'deltanet': dict(preset='deltanet_tiny', mixer='G'),
+    'mamba2': dict(preset='mamba2_hybrid_tiny', mixer='M', attention_fraction=0.0,
+                   overrides={'model.position': 'none'}),
+    'deltanet_hybrid': dict(preset='deltanet_hybrid_tiny', mixer='G', attention_fraction=0.5),
+    'mamba2_hybrid': dict(preset='mamba2_hybrid_tiny', mixer='M', attention_fraction=0.5),
+}
+
+
+def _label(x: float) -> str:
+  return f'{x:.0e}'.replace('+', '') if x else '0'
+
+
+def architecture_name(model: str, task: str, lr: float, wd: float) -> str:
+  return f'{model}_{task}_lr{_label(lr)}_wd{_label(wd)}'
+
+
+def architectures(tasks: dict[str, str], grid: list[tuple[float, float]]) -> dict[str, dict]:
+  """ARCHITECTURES of a capability sweep: every model x task (name -> data.task spec) x
+  (learning rate, weight decay) of the grid."""
+  out = {}
+  for model, m in MODELS.items():
+    for task, spec in tasks.items():
+      for lr, wd in grid:
+        out[architecture_name(model, task, lr, wd)] = dict(
+            config='configs/transformer.py', arg=f'preset={m["preset"]}', model=model,
+            task=task, spec=spec, lr=lr, weight_decay=wd)
+  return out
+
+
+def select(names: list[str] | None, what: str, known) -> list[str]:
+  """`names` (or all of `known`) after checking each is known; one line otherwise."""
+  names = list(known) if not names else names
+  unknown = [n for n in names if n not in known]
+  if unknown:
+    raise errors.ConfigError(f'{what} {unknown[0]!r} is not one of {sorted(known)}')
+  return names
+
+
+def sweep_config(module_name: str, preset: str, *, models: list[str], tasks: list[str],
+                 grid: list[tuple[float, float]], architectures_: dict, **fields):
+  """The runner's fields plus what the report reads: for each architecture its model, task,
+  learning rate and weight decay (`capability`), and the grid."""
+  sweep = ml_collections.ConfigDict(fields)
+  sweep.name = f'{module_name}_{preset}'
+  names = [architecture_name(m, t, lr, wd) for m in models for t in tasks for lr, wd in grid]
+  missing = [n for n in names if n not in architectures_]
+  if missing:
+    raise errors.ConfigError(f'{module_name}: {missing[0]!r} is not in its ARCHITECTURES')
+  sweep.architectures = names
+  sweep.sizes = 1
+  sweep.tokens_per_param = 20.0  # unused: one width
+  sweep.capability = {n: dict(model=architectures_[n]['model'], task=architectures_[n]['task'],
+                              lr=architectures_[n]['lr'],
+                              weight_decay=architectures_[n]['weight_decay']) for n in names}
+  sweep.lr_grid = [list(g) for g in grid]
+  sweep.baseline = 'attention'
+  return sweep
+
+
+def size_overrides(arch: dict, d: int, sweep) -> dict:
+  """The fields of one protocol point at width `d` with `sweep.layers` (mixer, MLP) blocks."""
+  m = MODELS[arch['model']]
+  head_dim = 16 if d < 256 else 64
+  heads = max(1, d // head_dim)
+  layers = sweep.layers
+  if 'attention_fraction' in m:
+    pattern = common.hybrid_pattern(m['mixer'], m['attention_fraction'], layers,
+                                    m.get('mlp', 'F'))
+  else:
+    pattern = (m['mixer'] + m.get('mlp', 'F')) * layers
+  fields = {
+      'model.d_model': d,
+      'model.num_heads': heads,
+      'model.num_kv_heads': heads // 2 if heads % 2 == 0 else heads,
+      'model.head_dim': 0,
+      'model.mlp_dim': 16 * round(8 * d / 3 / 16),
+      'model.mlp_activation': 'swiglu',
+      'model.pattern': pattern,
+      'data.task': arch['spec'],
+      'optim.lr': arch['lr'],
+      'optim.weight_decay': arch['weight_decay'],
+      **m.get('overrides', {}),
+  }
+  specs = tasks_lib.parse_specs(arch['spec'])
+  if not any(cls.TEXT for cls, _ in specs):  # the task's symbols and 4 special tokens
+    fields['model.vocab_size'] = max(int(o['vocab_size']) for _, o in specs) + 4
+  if m['mixer'] == 'M':
+    fields.update({'model.mamba.num_heads': 2 * d // head_dim, 'model.mamba.head_dim': head_dim})
+  if m['mixer'] == 'W':
+    fields['model.attention.window'] = sweep.window
+  return fields

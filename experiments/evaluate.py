@@ -1,0 +1,333 @@
+"""Scores a trained run (or a Hugging Face checkpoint) on capability tasks; writes eval.json.
+
+  python -m experiments.evaluate --workdir=RUN                      # the task it trained on
+  python -m experiments.evaluate --workdir=RUN --tasks=niah,mqar
+  python -m experiments.evaluate --workdir=RUN --tasks=mqar --task_options=mqar:vocab_size=256
+  python -m experiments.evaluate --hf=/path/to/hf_dir --tasks=niah_single_1:seq_len=1024
+  python -m experiments.evaluate --sweep_dir=SWEEP_DIR              # every finished run
+
+`--tasks` takes suite names (`mqar`: Zoology's grid (64, 4) .. (256, 64) at vocabulary 8192;
+`mad`: the five MAD tasks a causal decoder runs; `niah`: the three S-NIAH forms at 512, 1024
+and 2048 tokens) and task specs (`name` or `name:key=value`, one option per task: commas
+separate the list). `--task_options=NAME:key=value,...` (repeatable; NAME a task or a suite)
+changes options of every listed task it names, e.g. a vocabulary that fits a byte-level model.
+Without `--tasks` a run is scored on what it trained on (`data.task`).
+
+The instances are the `test` split, never trained on (`--instances`, default each task's
+`num_test`: Zoology's 1,000 for MQAR, MAD's 1,280, 100 per needle setting). Scoring is
+teacher-forced on the answer tokens: a token is right when the model's argmax there is the
+answer, `accuracy` is the fraction of answer tokens right (Zoology's and MAD's metric) and
+`exact_match` the fraction of instances with every answer token right (for needle retrieval,
+that greedy decoding writes the value first); each with a 95% interval over instances (the
+ratio estimator's normal interval; Wilson's for exact_match). `state_bytes` is the decode
+cache of one sequence at the task's length (what recall has to live in). Runs trained with a
+diffusion objective are refused for now: they need their conditional likelihood or sampler.
+
+eval.json (in the workdir, or `--output`) keeps earlier results of the same checkpoint and
+adds these, keyed by task spec.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+import errors
+import experiments
+import models
+from configs import common
+from experiments import sample
+from input_pipeline import tasks as tasks_lib
+from models import lm
+from trainer import checkpoint
+from trainer import flops as flops_lib
+
+# experiments.sample defines --workdir, --hf and --step; this process shares them.
+_WORKDIR = flags.FLAGS['workdir']
+_HF = flags.FLAGS['hf']
+_STEP = flags.FLAGS['step']
+_TASKS = flags.DEFINE_list('tasks', [], 'Suites (mqar, mad, niah) and task specs.')
+_OPTIONS = flags.DEFINE_multi_string('task_options', [], 'NAME:key=value,... for the listed '
+                                     'tasks NAME names (a task or a suite).')
+_INSTANCES = flags.DEFINE_integer('instances', 0, 'Test instances per task (0: its num_test).')
+_BATCH = flags.DEFINE_integer('eval_batch_size', 16, 'Instances per forward pass.')
+_OUTPUT = flags.FLAGS['output']  # experiments.sample's --output: here the eval.json path
+_SWEEP_DIR = flags.DEFINE_string('sweep_dir', None, 'Score every finished run of a sweep.')
+
+SCORING = ('teacher-forced: the argmax at each answer token against the answer (causal '
+           'next-token models)')
+
+
+def expand(names: list[str], options: list[str]) -> list[str]:
+  """Canonical task specs of suite names and specs, with `--task_options` applied: options
+  given for a suite apply to those of its tasks that have them, those given for a task must
+  be its own."""
+  overrides: dict[str, dict[str, str]] = {}
+  for item in options:
+    name, sep, arg = item.partition(':')
+    if not sep or not arg:
+      raise errors.ConfigError(f'--task_options={item!r}: give NAME:key=value,...')
+    if name not in tasks_lib.SUITES and name not in tasks_lib.TASKS:
+      raise errors.ConfigError(f'--task_options={item!r}: {name!r} is not a suite '
+                               f'{sorted(tasks_lib.SUITES)} or a task {sorted(tasks_lib.TASKS)}')
+    for pair in filter(None, arg.split(',')):
+      key, has, value = pair.partition('=')
+      if not has:
+        raise errors.ConfigError(f'--task_options={item!r}: {pair!r} is not key=value')
+      overrides.setdefault(name, {})[key.strip()] = value.strip()
+  for name, keys in overrides.items():
+    members = tasks_lib.SUITES.get(name, [name])
+    known = set().union(*(tasks_lib.TASKS[m.partition(':')[0]].DEFAULTS for m in members))
+    unknown = sorted(set(keys) - known)
+    if unknown:
+      raise errors.ConfigError(f'--task_options: {name} has no option {unknown[0]!r}; the '
+                               f'options are {sorted(known)}')
+  joined = []  # --tasks splits at every comma: 'mqar:seq_len=128', 'num_kv_pairs=8' is one spec
+  for name in names:
+    if '=' in name and ':' not in name and joined and ':' in joined[-1]:
+      joined[-1] += ',' + name
+    else:
+      joined.append(name)
+  specs = []
+  for name in joined:
+    for spec in tasks_lib.suite(name):
+      extra = {**overrides.get(name, {}), **overrides.get(spec.partition(':')[0], {})}
+      cls, values = tasks_lib.parse_one(spec, extra)
+      specs.append(tasks_lib.spec_of(cls, values, dataset=False))
+  return list(dict.fromkeys(specs))
+
+
+def _interval_ratio(correct_I: np.ndarray, count_I: np.ndarray) -> tuple[float, float, float]:
+  """sum(correct) / sum(count) and its 95% normal interval over instances (linearised)."""
+  total = max(float(count_I.sum()), 1.0)
+  ratio = float(correct_I.sum()) / total
+  se = math.sqrt(float(np.sum((correct_I - ratio * count_I) ** 2))) / total
+  return ratio, max(0.0, ratio - 1.96 * se), min(1.0, ratio + 1.96 * se)
+
+
+def _wilson(successes: int, n: int) -> tuple[float, float]:
+  if n == 0:
+    return 0.0, 1.0
+  z, p = 1.96, successes / n
+  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+  return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def state_bytes(model_config, length: int) -> int:
+  """Bytes of one sequence's decode cache at `length` (every sublayer's own cache)."""
+  shapes = jax.eval_shape(lambda: lm.init_cache(model_config, 1, length))
+  return int(sum(np.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(shapes)))
+
+
+def _score_fn(model):
+  @jax.jit
+  def score(variables, batch):
+    logits_BTV, _, _ = model.apply(variables, batch['inputs'], positions_BT=batch['positions'],
+                                   segment_ids_BT=batch['segment_ids'])
+    right_BT = (jnp.argmax(logits_BTV.astype(jnp.float32), axis=-1) == batch['targets'])
+    scored_BT = batch['weights'] > 0
+    return (jnp.sum(right_BT & scored_BT, axis=-1), jnp.sum(scored_BT, axis=-1))
+  return score
+
+
+def evaluate(model_config, variables, tokenizer, specs: list[str], *, instances: int = 0,
+             batch_size: int = 16, text_source=None) -> dict[str, dict]:
+  """{spec: results} of the model on the test instances of each task spec."""
+  tasks = tasks_lib.build(specs, tokenizer, text_source)
+  tasks_lib.check_trainable(tasks, model_config.vocab_size, f'the model (vocabulary '
+                            f'{model_config.vocab_size})')
+  for task in tasks:
+    if model_config.position == 'learned' and task.seq_len > model_config.max_len:
+      raise errors.DataError(f'task {task.spec} has rows of {task.seq_len} tokens but the model '
+                             f'learned positions for {model_config.max_len} (model.max_len)')
+  model = models.build(model_config)
+  score = _score_fn(model)
+  variables = jax.tree.map(jnp.asarray, variables)
+  results = {}
+  for task in tasks:
+    n = instances or task.num_test
+    correct, count = [], []
+    for start in range(0, n, batch_size):
+      rows = [tasks_lib.pad_row(task.instance('test', i), task.seq_len, tokenizer.pad_id)
+              for i in range(start, min(n, start + batch_size))]
+      real = len(rows)
+      rows += [dict(rows[0], weights=np.zeros_like(rows[0]['weights']))] * (batch_size - real)
+      batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+      right_B, scored_B = jax.device_get(score(variables, batch))
+      correct.append(right_B[:real])
+      count.append(scored_B[:real])
+    correct_I, count_I = np.concatenate(correct), np.concatenate(count)
+    accuracy, low, high = _interval_ratio(correct_I.astype(np.float64), count_I.astype(np.float64))
+    solved = int(np.sum(correct_I == count_I))
+    results[task.setting] = {
+        'task': task.NAME, 'options': task.options, 'source': task.SOURCE,
+        'instances': int(n), 'answer_tokens': int(count_I.sum()),
+        'accuracy': accuracy, 'accuracy_interval': [low, high],
+        'exact_match': solved / n, 'exact_match_interval': list(_wilson(solved, n)),
+        'seq_len': task.seq_len, 'state_bytes': state_bytes(model_config, task.seq_len),
+    }
+    logging.info('evaluate: %s accuracy %.4f [%.4f, %.4f], exact match %.4f (%d instances)',
+                 task.spec, accuracy, low, high, solved / n, n)
+  return results
+
+
+def _run_config(workdir: str) -> dict:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise errors.CheckpointError(f'{workdir}: no config.json (not an archlab workdir, or the run '
+                                 'never started)')
+  with open(path) as f:
+    return json.load(f)
+
+
+def _data_config(saved: dict | None) -> ml_collections.ConfigDict:
+  """The run's `config.data` (the corpus the needle haystack comes from), defaults filled."""
+  data = common.base_config().data
+  for key, value in (saved or {}).items():
+    if key in data:
+      data[key] = value
+  return data
+
+
+def evaluate_workdir(workdir: str, names: list[str], options: list[str], *, step=None,
+                     instances: int = 0, batch_size: int = 16, output: str | None = None) -> dict:
+  """Scores a run's checkpoint and writes its eval.json; returns the record."""
+  if not os.path.isdir(workdir):
+    raise errors.CheckpointError(f'--workdir={workdir}: no such directory')
+  saved = _run_config(workdir)
+  objective = (saved.get('objective') or {}).get('name', 'next_token')
+  if objective != 'next_token' or saved.get('model', {}).get('bidirectional'):
+    raise errors.ConfigError(f'{workdir} trained objective.name={objective!r}: evaluate scores '
+                             'causal next-token models; a diffusion run needs its conditional '
+                             'likelihood or sampler, which evaluate does not have yet')
+  if not names:
+    trained = saved.get('data', {}).get('task', '')
+    if not trained:
+      raise errors.ConfigError(f'{workdir} trained on a corpus, not a task: give --tasks '
+                               f'(suites {sorted(tasks_lib.SUITES)} or task specs)')
+    names = [s for s in trained.split(';') if s.strip()]
+  specs = expand(names, options)
+  model_config, params, collections = checkpoint.read_model(workdir, step)
+  tokenizer = sample.run_tokenizer(workdir, model_config)
+  step = step if step is not None else _latest_step(workdir)
+  results = evaluate(model_config, {'params': params, **collections}, tokenizer, specs,
+                     instances=instances, batch_size=batch_size,
+                     text_source=tasks_lib.corpus_text(_data_config(saved.get('data'))))
+  return _write(output or os.path.join(workdir, 'eval.json'), {
+      'workdir': os.path.abspath(workdir), 'step': step, 'trained_on': saved.get('data', {}).get('task', ''),
+      'params': flops_lib.count_params(params)}, results)
+
+
+def _latest_step(workdir: str):
+  directory = os.path.join(workdir, 'checkpoints')
+  steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
+  return max(steps) if steps else None
+
+
+def evaluate_hf(path: str, names: list[str], options: list[str], *, instances: int = 0,
+                batch_size: int = 16, output: str | None = None) -> dict:
+  if not names:
+    raise errors.ConfigError('--hf needs --tasks (suites or task specs)')
+  specs = expand(names, options)
+  model_config, variables, tokenizer = sample.load_hf(path)
+  results = evaluate(model_config, variables, tokenizer, specs, instances=instances,
+                     batch_size=batch_size, text_source=tasks_lib.corpus_text(_data_config(None)))
+  return _write(output or os.path.join(path, 'eval.json'), {
+      'hf': os.path.abspath(path), 'step': None,
+      'params': flops_lib.count_params(variables['params'])}, results)
+
+
+def _write(path: str, header: dict, results: dict) -> dict:
+  record = {}
+  if os.path.isfile(path):
+    with open(path) as f:
+      try:
+        record = json.load(f)
+      except json.JSONDecodeError:
+        record = {}
+    if record.get('step') != header.get('step'):
+      record = {}  # results of another checkpoint are replaced, not mixed
+  record.update(header, scoring=SCORING, code_version=experiments.code_version(),
+                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
+  record['tasks'] = {**record.get('tasks', {}), **results}
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(record, f, indent=1, default=_plain)
+  os.replace(tmp, path)
+  return record
+
+
+def _plain(value):
+  if isinstance(value, np.generic):
+    return value.item()
+  raise TypeError(f'{type(value).__name__} is not JSON')
+
+
+def evaluate_sweep(sweep_dir: str, names: list[str], options: list[str], **kwargs) -> list[str]:
+  """Scores every finished run of a sweep (runs with a summary.json) whose eval.json lacks
+  these tasks at its latest step; `names` default to the sweep's `eval_tasks`, else each
+  run's training task. Returns the runs scored."""
+  path = os.path.join(sweep_dir, 'sweep.json')
+  if not os.path.isfile(path):
+    raise errors.ConfigError(f'--sweep_dir={sweep_dir}: no sweep.json (not a sweep directory)')
+  with open(path) as f:
+    state = json.load(f)
+  names = names or list(state.get('sweep', {}).get('eval_tasks', []))
+  scored = []
+  for run in state['runs']:
+    workdir = os.path.join(sweep_dir, 'runs', run['name'])
+    if not os.path.isfile(os.path.join(workdir, 'summary.json')):
+      continue
+    existing = os.path.join(workdir, 'eval.json')
+    if os.path.isfile(existing) and names:
+      with open(existing) as f:
+        done = json.load(f)
+      if done.get('step') == _latest_step(workdir) and set(expand(names, options)) <= set(done['tasks']):
+        continue
+    evaluate_workdir(workdir, names, options, **kwargs)
+    scored.append(run['name'])
+  return scored
+
+
+def _main():
+  sources = [bool(_WORKDIR.value), bool(_HF.value), bool(_SWEEP_DIR.value)]
+  if sum(sources) != 1:
+    raise errors.ConfigError('give one of --workdir, --hf and --sweep_dir')
+  if _BATCH.value < 1 or _INSTANCES.value < 0:
+    raise errors.ConfigError('--eval_batch_size must be positive and --instances >= 0')
+  kwargs = dict(instances=_INSTANCES.value, batch_size=_BATCH.value)
+  if _SWEEP_DIR.value:
+    scored = evaluate_sweep(_SWEEP_DIR.value, _TASKS.value, _OPTIONS.value, **kwargs)
+    print(f'scored {len(scored)} runs in {_SWEEP_DIR.value}')
+    return
+  if _WORKDIR.value:
+    record = evaluate_workdir(_WORKDIR.value, _TASKS.value, _OPTIONS.value, step=_STEP.value,
+                              output=_OUTPUT.value, **kwargs)
+  else:
+    record = evaluate_hf(_HF.value, _TASKS.value, _OPTIONS.value, output=_OUTPUT.value, **kwargs)
+  for spec, r in record['tasks'].items():
+    print(f'{spec:48s} accuracy {r["accuracy"]:.4f} [{r["accuracy_interval"][0]:.4f}, '
+          f'{r["accuracy_interval"][1]:.4f}]  exact {r["exact_match"]:.4f}  '
+          f'({r["instances"]} instances)')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.ERROR)  # orbax warns that a read-only checkpoint is read-only
+  errors.run_main('evaluate', _main)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=errors.flags_parser('evaluate'))

@@ -1,0 +1,55 @@
+"""configs/sweeps/mqar.py and mad.py: the plans follow the references' grids over every model,
+a new model joins by one entry, and the micro MQAR sweep runs end to end (train, evaluate the
+sweep, report its accuracy table)."""
+
+import os
+
+import numpy as np
+import pytest
+
+import errors
+from configs.sweeps import capability
+from experiments import evaluate
+from experiments import report
+from experiments import sweep as sweep_lib
+
+
+def test_plans_cover_models_and_reference_grids(tmp_path):
+  sweep, module = sweep_lib.load_sweep('configs/sweeps/mqar.py:preset=cpu')
+  runs = sweep_lib.plan(module, sweep, str(tmp_path))
+  assert len(runs) == len(capability.MODELS) * 4 * 3
+  assert {sweep.capability[r.architecture]['model'] for r in runs} == set(capability.MODELS)
+  np.testing.assert_allclose(sorted({sweep.capability[r.architecture]['lr'] for r in runs}),
+                             np.logspace(-3, -1.5, 4), rtol=1e-3)           # Zoology's grid
+  assert any('--config.data.task=mqar:' in c for c in runs[0].command)
+  assert '--config.model.vocab_size=8196' in runs[0].command
+  sweep, module = sweep_lib.load_sweep('configs/sweeps/mad.py:preset=mad,task=memorization')
+  grid = {(sweep.capability[a]['lr'], sweep.capability[a]['weight_decay'])
+          for a in sweep.architectures}
+  assert grid == {(lr, wd) for lr in (1e-4, 5e-4, 1e-3) for wd in (0.0, 0.1)}  # MAD's grid
+  assert sweep.seq_len == 32
+
+
+def test_a_new_model_joins_by_name(monkeypatch, tmp_path):
+  monkeypatch.setitem(capability.MODELS, 'attention_wide_mlp',
+                      dict(preset='llama_tiny', mixer='A', overrides={'model.mlp_dim': 256}))
+  sweep, module = sweep_lib.load_sweep('configs/sweeps/mqar.py:preset=micro,models=attention_wide_mlp')
+  runs = sweep_lib.plan(module, sweep, str(tmp_path))
+  assert len(runs) == 1 and '--config.model.mlp_dim=256' in runs[0].command
+  with pytest.raises(errors.ConfigError, match="model 'dsa' is not one of"):
+    sweep_lib.load_sweep('configs/sweeps/mad.py:preset=micro,models=dsa')
+
+
+def test_micro_mqar_sweep_end_to_end(tmp_path):
+  sweep, module = sweep_lib.load_sweep('configs/sweeps/mqar.py:preset=micro')
+  runs = sweep_lib.plan(module, sweep, str(tmp_path))
+  assert sweep_lib.execute(module, sweep, runs, str(tmp_path)) == []
+  assert evaluate.evaluate_sweep(str(tmp_path), [], [], instances=32) == [runs[0].name]
+  assert evaluate.evaluate_sweep(str(tmp_path), [], [], instances=32) == []  # up to date
+  result = report.write_report(str(tmp_path), n_bootstrap=10)
+  row, = result['capability']
+  assert row['model'] == 'attention' and row['task'] == 'mqar:seq_len=32,vocab_size=64'
+  assert 0.0 <= row['mean'] <= 1.0 and row['chosen'] == [{'lr': 0.01, 'weight_decay': 0.0}]
+  with open(os.path.join(tmp_path, 'report.md')) as f:
+    assert '## Capability evaluations' in f.read()
+  assert os.path.isfile(os.path.join(tmp_path, 'accuracy.png'))
