@@ -15,7 +15,7 @@ over seeds (`attention_ratio.png`, and a table in report.md).
 
 Presets:
   quick  width 64, 8 layers, budget 1e11 FLOPs, 2 seeds: 20 runs, a smoke-sized answer (the
-         run recorded in README took about 6 minutes with --parallel=2 on 2 busy cores).
+         run recorded in README took 17 minutes with --parallel=2 on 2 cores beside other jobs).
   cpu    width 128, 8 layers, budgets 1e12 and 3e12, 3 seeds: 60 runs, about an hour here.
   pod    width 1024, 24 layers (multiples of 8 keep every fraction exact), budgets 1e19 and
          1e20, 3 seeds: for `--print_commands` and a scheduler.
