@@ -44,7 +44,7 @@ def test_runs_top_to_bottom(name, tmp_path):
     injected += f'WORKDIR = {str(tmp_path / "run")!r}\n'
   nb.cells.insert(i + 1, nbformat.v4.new_code_cell(injected))
   client = nbclient.NotebookClient(nb, kernel_name='python3', timeout=300,
-                                   resources={'metadata': {'path': str(tmp_path)}})
+                                   resources={'metadata': {'path': os.path.join(ROOT, 'colab')}})
   client.execute()  # raises CellExecutionError naming the cell on any error
   errors = [o for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', [])
             if o.output_type == 'error']
