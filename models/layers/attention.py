@@ -417,13 +417,14 @@ class Attention(AttentionBase):
         'index': jnp.zeros((), jnp.int32),
     }
 
-  @nn.compact
-  def __call__(self, x_BTD, *, positions_BT, segment_ids_BT, cache=None):
+  def project(self, x_BTD, positions_BT):
+    """Queries, keys and values (biases, QK-norm, RoPE applied): (q_BTNH, k_BTKH, v_BTKH).
+    A subclass (MoBA's block-sparse `B`) reuses them."""
     cfg = self.cfg
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
     assert x_BTD.shape[-1] == d, f'model.d_model={d} but input width {x_BTD.shape[-1]}'
     dtype, pdtype = common.dtype_of(cfg.dtype), common.dtype_of(cfg.param_dtype)
-    std, out_std = cfg.init_std, cfg.init_std / len(cfg.pattern) ** 0.5
+    std = cfg.init_std
 
     def proj(name, shape, axes, s):
       w = self.param(name, common.normal_init(s, axes), shape, pdtype)
@@ -453,6 +454,28 @@ class Attention(AttentionBase):
     if cfg.position == 'rope':
       rope = positions_lib.rope_from_config(cfg, h)
       q_BTNH, k_BTKH = rope(q_BTNH, positions_BT), rope(k_BTKH, positions_BT)
+    return q_BTNH, k_BTKH, v_BTKH
+
+  def output(self, x_BTD, out_BTNH):
+    """The output gate, projection and bias: y = gate(out) W_o (+ b)."""
+    cfg = self.cfg
+    d, n, h = cfg.d_model, cfg.num_heads, head_dim(cfg)
+    dtype, pdtype = common.dtype_of(cfg.dtype), common.dtype_of(cfg.param_dtype)
+    out_BTNH = output_gate(self, cfg, x_BTD, out_BTNH)
+    out_BTNH = common.constrain(out_BTNH, ('batch', 'length', 'heads', 'head_dim'))
+    w_o = self.param('o', common.normal_init(cfg.init_std / len(cfg.pattern) ** 0.5,
+                                             ('heads', 'head_dim', 'embed')), (n, h, d), pdtype)
+    y_BTD = common.project(out_BTNH, w_o.astype(dtype), 2)
+    if o_bias(cfg):
+      y_BTD += self.param('o_bias', common.zeros_init(('embed',)), (d,), pdtype).astype(dtype)
+    return y_BTD
+
+  @nn.compact
+  def __call__(self, x_BTD, *, positions_BT, segment_ids_BT, cache=None):
+    cfg = self.cfg
+    n, h = cfg.num_heads, head_dim(cfg)
+    dtype, pdtype = common.dtype_of(cfg.dtype), common.dtype_of(cfg.param_dtype)
+    q_BTNH, k_BTKH, v_BTKH = self.project(x_BTD, positions_BT)
 
     if cache is None:
       k_BSKH, v_BSKH, k_pos_BS, k_seg_BS = k_BTKH, v_BTKH, positions_BT, segment_ids_BT
@@ -470,12 +493,7 @@ class Attention(AttentionBase):
                       k_pos_BS=k_pos_BS, k_seg_BS=k_seg_BS,
                       scale=cfg.attention.softmax_scale or h ** -0.5,
                       window=self.window(cfg), sinks_N=sinks_N, blocked=cache is None)
-    out_BTNH = output_gate(self, cfg, x_BTD, out_BTNH)
-    out_BTNH = common.constrain(out_BTNH, ('batch', 'length', 'heads', 'head_dim'))
-    y_BTD = common.project(out_BTNH, proj('o', (n, h, d), ('heads', 'head_dim', 'embed'), out_std), 2)
-    if o_bias(cfg):
-      y_BTD += bias('o_bias', (d,), ('embed',))
-    return y_BTD, {}, cache
+    return self.output(x_BTD, out_BTNH), {}, cache
 
 
 @models.register_sublayer('W')

@@ -110,14 +110,17 @@ class MLAttention(attention.AttentionBase):
         'index': jnp.zeros((), jnp.int32),
     }
 
-  @nn.compact
-  def __call__(self, x_BTD, *, positions_BT, segment_ids_BT, cache=None):
+  def project(self, x_BTD, positions_BT) -> dict:
+    """The projections both forms share (a subclass, DSA's `S`, reuses them): the query's
+    parts `q_nope_BTNH` and rotated `q_rope_BTNH`, the normalised latent `c_BTR`, the
+    rotated shared key `k_rope_BTH`, the expansions `w_k_RNH`, `w_v_RNH`, the normalised
+    query latent `q_res_BTR` (None without `mla.q_rank`) and `sinks_N` (or None)."""
     cfg = self.cfg
     d, n = cfg.d_model, cfg.num_heads
     q_rank, kv_rank, nope, rope, hv = dims(cfg)
     assert x_BTD.shape[-1] == d, f'model.d_model={d} but input width {x_BTD.shape[-1]}'
     dtype, pdtype = common.dtype_of(cfg.dtype), common.dtype_of(cfg.param_dtype)
-    std, out_std = cfg.init_std, cfg.init_std / len(cfg.pattern) ** 0.5
+    std = cfg.init_std
     with_bias = attention.qkv_bias(cfg)
 
     def dense(name, x, shape, axes, s=std, contract=1, bias=False):
@@ -133,6 +136,7 @@ class MLAttention(attention.AttentionBase):
                         zero_centred=cfg.norm_zero_centred, axes=('latent',), dtype=dtype,
                         param_dtype=pdtype, name=name)
 
+    q_BTR = None
     if q_rank:
       q_BTR = latent_norm('q_a_norm')(dense('q_a', x_BTD, (d, q_rank), ('embed', 'latent'),
                                             bias=with_bias))
@@ -155,7 +159,34 @@ class MLAttention(attention.AttentionBase):
     sinks_N = None
     if cfg.attention.sinks:
       sinks_N = self.param('sinks', common.zeros_init(('heads',)), (n,), pdtype)
-    shared = dict(scale=softmax_scale(cfg), window=self.window(cfg), sinks_N=sinks_N)
+    return dict(q_nope_BTNH=q_nope_BTNH, q_rope_BTNH=q_rope_BTNH, c_BTR=c_BTR,
+                k_rope_BTH=k_rope_BTH, w_k_RNH=w_k_RNH, w_v_RNH=w_v_RNH, q_res_BTR=q_BTR,
+                sinks_N=sinks_N)
+
+  def output(self, x_BTD, out_BTNH):
+    """The output gate, projection and bias: y = gate(out) W_o (+ b)."""
+    cfg = self.cfg
+    d, n, hv = cfg.d_model, cfg.num_heads, dims(cfg)[4]
+    dtype, pdtype = common.dtype_of(cfg.dtype), common.dtype_of(cfg.param_dtype)
+    out_BTNH = attention.output_gate(self, cfg, x_BTD, out_BTNH)
+    out_BTNH = common.constrain(out_BTNH, ('batch', 'length', 'heads', 'head_dim'))
+    w_o = self.param('o', common.normal_init(cfg.init_std / len(cfg.pattern) ** 0.5,
+                                             ('heads', 'head_dim', 'embed')), (n, hv, d),
+                     pdtype).astype(dtype)
+    y_BTD = common.project(out_BTNH, w_o, 2)
+    if attention.o_bias(cfg):
+      y_BTD += self.param('o_bias', common.zeros_init(('embed',)), (d,), pdtype).astype(dtype)
+    return y_BTD
+
+  @nn.compact
+  def __call__(self, x_BTD, *, positions_BT, segment_ids_BT, cache=None):
+    cfg = self.cfg
+    rope = dims(cfg)[3]
+    dtype = common.dtype_of(cfg.dtype)
+    p = self.project(x_BTD, positions_BT)
+    c_BTR, k_rope_BTH, w_k_RNH, w_v_RNH = p['c_BTR'], p['k_rope_BTH'], p['w_k_RNH'], p['w_v_RNH']
+    q_nope_BTNH, q_rope_BTNH = p['q_nope_BTNH'], p['q_rope_BTNH']
+    shared = dict(scale=softmax_scale(cfg), window=self.window(cfg), sinks_N=p['sinks_N'])
 
     if cache is None:  # expanded form: per-head keys and values
       k_nope_BTNH = common.project(c_BTR, w_k_RNH)
@@ -180,14 +211,7 @@ class MLAttention(attention.AttentionBase):
                                       q_pos_BT=positions_BT, q_seg_BT=segment_ids_BT,
                                       k_pos_BS=new['pos_BS'], k_seg_BS=new['seg_BS'], **shared)
       out_BTNH = jnp.einsum('BTNR,RNH->BTNH', out_lat_BTNR, w_v_RNH)
-    out_BTNH = attention.output_gate(self, cfg, x_BTD, out_BTNH)
-    out_BTNH = common.constrain(out_BTNH, ('batch', 'length', 'heads', 'head_dim'))
-    w_o = self.param('o', common.normal_init(out_std, ('heads', 'head_dim', 'embed')), (n, hv, d),
-                     pdtype).astype(dtype)
-    y_BTD = common.project(out_BTNH, w_o, 2)
-    if attention.o_bias(cfg):
-      y_BTD += self.param('o_bias', common.zeros_init(('embed',)), (d,), pdtype).astype(dtype)
-    return y_BTD, {}, cache
+    return self.output(x_BTD, out_BTNH), {}, cache
 
 
 class SlidingMLAttention(MLAttention):
