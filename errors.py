@@ -33,13 +33,24 @@ class CheckpointError(UserError):
   """A checkpoint or workdir cannot be used as asked (missing, damaged, another model)."""
 
 
+class Preempted(Exception):
+  """A run stopped on SIGTERM / SIGINT after writing a checkpoint (trainer/preemption.py);
+  its message says how to resume. Entry points print it as `PROGRAM: preempted: MESSAGE` and
+  exit with 75 (EX_TEMPFAIL), which a scheduler can requeue on."""
+  exit_code = 75
+
+
 def run_main(program: str, fn, *args, **kwargs):
   """`fn(*args, **kwargs)` as an entry point runs it: a `UserError` (or a FloatingPointError: a
   loss that turned NaN) exits with its one line, anything else with its traceback and
-  `report_bug`'s line. `ARCHLAB_DEBUG=1` lets every exception through."""
+  `report_bug`'s line; `Preempted` exits with its line and code 75. `ARCHLAB_DEBUG=1` lets
+  every exception through."""
   debug = bool(os.environ.get('ARCHLAB_DEBUG'))
   try:
     return fn(*args, **kwargs)
+  except Preempted as e:
+    print(f'{program}: preempted: {e}', file=sys.stderr, flush=True)
+    sys.exit(Preempted.exit_code)
   except (UserError, FloatingPointError) as e:
     if debug:
       raise

@@ -129,6 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
       eval_every=100,
       checkpoint_every=200,
       keep_checkpoints=3,
+      async_checkpoint=True,     # write checkpoints in a background thread (orbax async)
       progress_bar=True,
   ))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))

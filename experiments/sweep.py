@@ -5,8 +5,11 @@
   python -m experiments.sweep --sweep=...:preset=pod --dir=DIR --print_commands
 
 Running the same command again skips finished runs (their `summary.json` exists) and resumes
-interrupted ones from their checkpoints; a failed run is recorded in `DIR/sweep.json` with the
-last line of its error and the others go on (a re-run tries it again). `DIR/sweep.json` lists
+interrupted ones from their checkpoints, also after the runner itself was killed (SIGKILL
+included: each train.py gets SIGKILL when the runner dies, on Linux, so no orphan holds a
+run's workdir lock; its periodic checkpoints stay). A run that fails is tried again up to
+`--retries` times, then recorded in `DIR/sweep.json` as failed with the last line of each
+attempt's error, and the others go on (a re-run of the sweep tries it again). `DIR/sweep.json` lists
 every run with N (parameters), D (tokens), C (FLOPs) and its command; `experiments.report`
 reads it.
 
@@ -22,12 +25,15 @@ any config field (configs/sweeps/arch_compare.py states the interface). From Pyt
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
+import ctypes.util
 import dataclasses
 import difflib
 import importlib.util
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -56,6 +62,8 @@ _SWEEP = config_flags.DEFINE_config_file('sweep', None, 'Sweep file with argumen
 _DIR = (flags.FLAGS['dir'] if 'dir' in flags.FLAGS else
         flags.DEFINE_string('dir', None, 'Sweep directory: one workdir per run and sweep.json.'))
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'Runs at once.')
+_RETRIES = flags.DEFINE_integer('retries', 2, 'Times a failed run is tried again before it is '
+                                'left failed.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'List the runs with N, D, C and an estimated time.')
 _PRINT = flags.DEFINE_bool('print_commands', False, 'Print one command per run and exit.')
 _MFU = flags.DEFINE_float('assumed_mfu', 0.15, 'MFU assumed by --dry_run time estimates.')
@@ -213,21 +221,41 @@ def command(module, sweep, architecture: str, overrides: dict, budget: float,
           *(f'--config.{k}={v}' for k, v in fields.items())]
 
 
-def run_one(run: Run, workdir: str) -> dict:
-  """Runs (or resumes) one training process; returns its status record."""
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(ctypes.util.find_library('c'), use_errno=True) if sys.platform.startswith(
+    'linux') else None
+
+
+def _die_with_runner():
+  """In the child between fork and exec: SIGKILL when the thread that started it (the
+  runner) dies, so a killed runner leaves no orphan training (Linux's PR_SET_PDEATHSIG)."""
+  if _LIBC is not None:
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def run_one(run: Run, workdir: str, retries: int = 0) -> dict:
+  """Runs (or resumes) one training process, `retries` more times while it fails; returns its
+  status record (a failure keeps the last line of each attempt's error)."""
   summary_path = os.path.join(workdir, 'summary.json')
   if os.path.exists(summary_path):
     return {'status': 'finished', 'skipped': True}
   os.makedirs(workdir, exist_ok=True)
-  start = time.time()
-  with open(os.path.join(workdir, 'train.log'), 'a') as log:
-    proc = subprocess.run(run.command, stdout=log, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    log.write(proc.stderr)
-  if proc.returncode:
+  start, errors_seen = time.time(), []
+  for attempt in range(1, retries + 2):
+    with open(os.path.join(workdir, 'train.log'), 'a') as log:
+      proc = subprocess.run(run.command, stdout=log, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=_die_with_runner)
+      log.write(proc.stderr)
+    if not proc.returncode:
+      return {'status': 'finished', 'skipped': False, 'attempts': attempt,
+              'seconds': time.time() - start, **({'errors': errors_seen} if errors_seen else {})}
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    return {'status': 'failed', 'error': lines[-1] if lines else f'exit code {proc.returncode}',
-            'seconds': time.time() - start}
-  return {'status': 'finished', 'skipped': False, 'seconds': time.time() - start}
+    errors_seen.append(lines[-1] if lines else f'exit code {proc.returncode}')
+    if proc.returncode == errors.Preempted.exit_code:  # a signal for the whole job: stop here
+      return {'status': 'preempted', 'error': errors_seen[-1], 'attempts': attempt,
+              'errors': errors_seen, 'seconds': time.time() - start}
+  return {'status': 'failed', 'error': errors_seen[-1], 'attempts': retries + 1,
+          'errors': errors_seen, 'seconds': time.time() - start}
 
 
 def write_state(module, sweep_dir: str, sweep, runs: list[Run], status: dict) -> None:
@@ -246,23 +274,27 @@ def write_state(module, sweep_dir: str, sweep, runs: list[Run], status: dict) ->
   os.replace(tmp, os.path.join(sweep_dir, 'sweep.json'))
 
 
-def execute(module, sweep, runs: list[Run], sweep_dir: str, parallel: int = 1) -> list[str]:
-  """Runs what is not finished, `parallel` at a time; returns the names of failed runs."""
+def execute(module, sweep, runs: list[Run], sweep_dir: str, parallel: int = 1,
+            retries: int = 0) -> list[str]:
+  """Runs what is not finished, `parallel` at a time, each failed run tried `retries` more
+  times; returns the names of the runs that did not finish."""
   os.makedirs(sweep_dir, exist_ok=True)
   status = {}
   write_state(module, sweep_dir, sweep, runs, status)
   bar = tqdm.tqdm(total=len(runs), unit='run', dynamic_ncols=True, disable=None)
   with concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
-    futures = {pool.submit(run_one, r, os.path.join(sweep_dir, 'runs', r.name)): r for r in runs}
+    futures = {pool.submit(run_one, r, os.path.join(sweep_dir, 'runs', r.name), retries): r
+               for r in runs}
     for future in concurrent.futures.as_completed(futures):
       r = futures[future]
       status[r.name] = future.result()
-      if status[r.name]['status'] == 'failed':
-        tqdm.tqdm.write(f'{r.name} failed: {status[r.name]["error"]}')
+      if status[r.name]['status'] != 'finished':
+        tqdm.tqdm.write(f'{r.name} {status[r.name]["status"]} after '
+                        f'{status[r.name]["attempts"]} attempt(s): {status[r.name]["error"]}')
       bar.update(1)
       write_state(module, sweep_dir, sweep, runs, status)
   bar.close()
-  return sorted(name for name, s in status.items() if s['status'] == 'failed')
+  return sorted(name for name, s in status.items() if s['status'] != 'finished')
 
 
 def main(argv):
@@ -295,7 +327,9 @@ def _main():
           f'(--assumed_mfu) plus {_START_UP_SECONDS} s of start-up each')
     return
 
-  failed = execute(module, sweep, runs, sweep_dir, _PARALLEL.value)
+  if _RETRIES.value < 0:
+    raise errors.ConfigError(f'--retries={_RETRIES.value} must be >= 0')
+  failed = execute(module, sweep, runs, sweep_dir, _PARALLEL.value, _RETRIES.value)
   print(f'{len(runs) - len(failed)} of {len(runs)} runs finished in {sweep_dir}'
         + (f'; failed: {", ".join(failed)}' if failed else ''))
   if failed:

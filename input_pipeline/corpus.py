@@ -126,6 +126,15 @@ def files_fingerprint(corpus: CorpusFiles) -> str:
   return digest.hexdigest()
 
 
+def file_stats(corpus: CorpusFiles) -> dict[str, list[int]]:
+  """path -> [size, mtime in ns] of each corpus file (what `files_fingerprint` covers)."""
+  stats = {}
+  for path, _ in corpus.files:
+    stat = os.stat(path)
+    stats[path] = [stat.st_size, stat.st_mtime_ns]
+  return stats
+
+
 def key_hash(key: str) -> float:
   """The sha1 of `key` as a number in [0, 1): the same on every machine and run."""
   return int.from_bytes(hashlib.sha1(key.encode('utf-8')).digest()[:8], 'big') / 2.0**64

@@ -43,11 +43,14 @@ class Datasets:
       `get_state()` and `set_state(state)` for checkpoints.
     eval_batches: fixed validation batches, this process's share.
     stats: document, token and byte counts of both splits, skipped files, rows, cache_hit.
+    fingerprint: sha1 of both token streams and the row length: checkpoints store it, so a
+      resumed run whose data changed says so (trainer/state.py).
   """
   tokenizer: Tokenizer
   train_iter: grain.DatasetIterator
   eval_batches: list[dict[str, np.ndarray]]
   stats: dict[str, Any]
+  fingerprint: str = ''
 
 
 def pack_row(window_T1: np.ndarray, bos_id: int) -> dict[str, np.ndarray]:
@@ -277,33 +280,78 @@ def _atomic_save_npy(path: str, array: np.ndarray) -> None:
     raise
 
 
+def streams_fingerprint(streams: dict[str, np.ndarray]) -> str:
+  """sha1 of the train and validation token streams (their dtype, length and tokens)."""
+  digest = hashlib.sha1()
+  for split in ('train', 'val'):
+    stream = np.ascontiguousarray(streams[split])
+    digest.update(f'{split}:{stream.dtype.str}:{len(stream)}:'.encode('utf-8'))
+    digest.update(memoryview(stream).cast('B'))
+  return digest.hexdigest()
+
+
 def load_or_build_streams(data_config, corpus: corpus_lib.CorpusFiles, files_key: str,
                           tokenizer: Tokenizer) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """The split streams from the cache (mmap), tokenizing the corpus on a miss.
 
   The cache key covers the corpus kind, its files with sizes and mtimes, the JSONL text
-  field, val_fraction and the tokenizer fingerprint. meta.json is written last, so a
-  directory without it is an interrupted build and is rebuilt.
+  field, val_fraction and the tokenizer fingerprint, so a corpus file that changed after its
+  cache was written misses the cache and is tokenized again; `streams/latest/` remembers
+  the files each corpus (its file list and settings) was last tokenized from, so that miss
+  is reported in one line naming a changed file. meta.json is written last, so a directory
+  without it is an interrupted build and is rebuilt. stats['fingerprint'] is
+  `streams_fingerprint`, computed once per cache entry.
   """
   key = _hash(_CACHE_VERSION, files_key, data_config.val_fraction, tokenizer.fingerprint)
   directory = os.path.join(cache_root(data_config), 'streams', key)
   meta_path = os.path.join(directory, 'meta.json')
   if os.path.isfile(meta_path):
     with open(meta_path, encoding='utf-8') as f:
-      stats = json.load(f)['stats']
+      meta = json.load(f)
     streams = {split: np.load(os.path.join(directory, f'{split}.npy'), mmap_mode='r')
                for split in ('train', 'val')}
+    stats = dict(meta['stats'])
+    stats.setdefault('fingerprint', meta.get('fingerprint') or streams_fingerprint(streams))
     return streams, dict(stats, cache_hit=True, cache_dir=directory)
-  logging.info('data: tokenizing corpus %s (%d files) into %s', corpus.kind, len(corpus.files),
-               directory)
+  identity = _hash(_CACHE_VERSION, corpus.kind, [k for _, k in corpus.files], corpus.text_field,
+                   data_config.val_fraction, tokenizer.fingerprint)
+  latest_path = os.path.join(cache_root(data_config), 'streams', 'latest', identity + '.json')
+  files = corpus_lib.file_stats(corpus)
+  changed = _changed_files(latest_path, files)
+  if changed:
+    logging.warning('data: %d corpus file(s) changed since their tokenized cache was written '
+                    '(%s); tokenizing again into %s', len(changed), changed[0], directory)
+  else:
+    logging.info('data: tokenizing corpus %s (%d files) into %s', corpus.kind,
+                 len(corpus.files), directory)
   streams, stats = tokenize_corpus(corpus, tokenizer, data_config.val_fraction)
+  stats['fingerprint'] = streams_fingerprint(streams)
   os.makedirs(directory, exist_ok=True)
   for split, stream in streams.items():
     _atomic_save_npy(os.path.join(directory, f'{split}.npy'), stream)
   atomic_write_text(meta_path, json.dumps({'key': key, 'stats': stats}, indent=1))
+  os.makedirs(os.path.dirname(latest_path), exist_ok=True)
+  atomic_write_text(latest_path, json.dumps({'key': key, 'files': files}, indent=1))
   streams = {split: np.load(os.path.join(directory, f'{split}.npy'), mmap_mode='r')
              for split in ('train', 'val')}
   return streams, dict(stats, cache_hit=False, cache_dir=directory)
+
+
+def _changed_files(latest_path: str, files: dict[str, list[int]]) -> list[str]:
+  """'PATH: size A -> B bytes' (or 'modified') for each file whose size or mtime differs
+  from the record at `latest_path` (none when there is no record)."""
+  try:
+    with open(latest_path, encoding='utf-8') as f:
+      before = json.load(f)['files']
+  except (OSError, ValueError, KeyError):
+    return []
+  changed = []
+  for path, (size, mtime_ns) in files.items():
+    if path in before and list(before[path]) != [size, mtime_ns]:
+      old_size = before[path][0]
+      changed.append(f'{path}: {old_size} -> {size} bytes' if old_size != size else
+                     f'{path}: modified')
+  return changed
 
 
 def build_datasets(data_config, *, global_batch_size: int, workdir: str | None,
@@ -350,4 +398,4 @@ def build_datasets(data_config, *, global_batch_size: int, workdir: str | None,
       process_index=process_index, process_count=process_count)
   logging.info('data: %s', json.dumps(stats))
   return Datasets(tokenizer=tokenizer, train_iter=train_iter, eval_batches=eval_batches,
-                  stats=stats)
+                  stats=stats, fingerprint=_hash(stats['fingerprint'], seq_len))

@@ -123,14 +123,17 @@ def test_sigkill_then_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
 def test_workdir_with_another_model_is_refused_untouched(tmp_path):
   workdir = str(tmp_path / 'run')
   run_train(workdir, '--config.train.steps=4', '--config.train.checkpoint_every=2')
-  before = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir) for p in fs}
+  # run.lock is the one file a run writes before it reads the workdir: its holder's pid
+  def stamps():
+    return {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir)
+            for p in fs if p != 'run.lock'}
+  before = stamps()
   proc = run_train(workdir, '--config.train.steps=4', '--config.model.d_model=32', check=False)
   assert proc.returncode != 0
   last = proc.stderr.strip().splitlines()[-1]
   assert 'holds a checkpoint (step 4) of a different model config' in last
   assert 'model.d_model: 64 in the checkpoint, 32 now' in last and 'to start fresh' in last
-  after = {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir) for p in fs}
-  assert before == after
+  assert before == stamps()
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):

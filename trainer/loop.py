@@ -28,9 +28,11 @@ from sharding import rules as rules_lib
 from trainer import checkpoint
 from trainer import flops as flops_lib
 from trainer import metrics as metrics_lib
+from trainer import preemption
 from trainer import records
 from trainer import state as state_lib
 from trainer import step as step_lib
+from trainer import workdir as workdir_lib
 
 
 @dataclasses.dataclass
@@ -129,8 +131,24 @@ def evaluate(run: Run, state) -> dict:
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the summary."""
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the summary.
+
+  Process 0 holds the workdir's lock for the whole run (trainer/workdir.py). SIGTERM or SIGINT
+  stops every process after the same step, with a checkpoint, by raising
+  `errors.Preempted` (trainer/preemption.py).
+  """
   wall_start = time.time()
+  mesh_lib.maybe_initialize_distributed()
+  held = workdir_lib.lock(workdir) if jax.process_index() == 0 else None
+  try:
+    with preemption.Watcher() as watcher:
+      return _train(config, workdir, wall_start, watcher)
+  finally:
+    if held is not None:
+      held.release()
+
+
+def _train(config, workdir: str, wall_start: float, watcher: preemption.Watcher) -> dict:
   os.makedirs(workdir, exist_ok=True)
   run = setup(config, workdir)
   config, t = run.config, run.config.train
@@ -157,7 +175,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   def next_batch():
     batch = to_global(run, next(run.data.train_iter))
-    return batch, run.data.train_iter.get_state()
+    return batch, state_lib.data_state(run)
 
   try:
     if start_step < run.total_steps:
@@ -195,11 +213,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
       elif evaluating:
         eval_metrics = evaluate(run, state)
         writer.write(done, eval_metrics)
-      if done % t.checkpoint_every == 0 or last:
+      preempted = watcher.requested() and not last
+      if done % t.checkpoint_every == 0 or last or preempted:
         checkpoint.save(mngr, done, state, step_data_state, saved_config)
         last_saved = done
+      if preempted:
+        checkpoint.wait(mngr, done)
+        raise errors.Preempted(
+            f'{watcher.signal_name} at step {done} of {run.total_steps}; the checkpoint at '
+            f'step {done} is in {workdir}: run the same command again to resume')
+    checkpoint.wait(mngr, last_saved)
   finally:
-    mngr.wait_until_finished()
+    try:
+      mngr.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except
+      pass  # an error already raised above says what failed
     writer.close()
 
   if not eval_metrics:  # resumed a finished run: evaluate the restored parameters

@@ -21,16 +21,22 @@ def create_or_restore(run, workdir: str):
   """(state, checkpoint manager, latest step or None) for `run` (trainer.loop.Run).
 
   A workdir whose latest checkpoint holds another model (a field outside
-  `schema.resumable_fields()` differs) is refused before anything is written. A restored run
-  also gets its data iterator's position back.
+  `schema.resumable_fields()` differs) is refused before anything is written. Checkpoints
+  that do not read are moved aside and the newest one that reads is restored
+  (`checkpoint.restore_latest`). A restored run also gets its data iterator's position back,
+  and says so in a line when the data it reads changed since the checkpoint was written.
   """
   t = run.config.train
-  mngr = checkpoint.manager(workdir, t.keep_checkpoints)
-  latest = checkpoint.check_config(mngr, workdir, saved_model_config(run.config.model),
-                                   skip=schema.resumable_fields())
+  mngr = checkpoint.manager(workdir, t.keep_checkpoints, t.async_checkpoint)
+  latest = None
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
-    if latest is not None:
-      state, data_state = checkpoint.restore(mngr, latest, run.fns.abstract_state())
+    found = checkpoint.restore_latest(mngr, workdir, run.fns.abstract_state(),
+                                      saved_model_config(run.config.model),
+                                      skip=schema.resumable_fields())
+    if found is not None:
+      latest, state, data_state = found
+      check_data_fingerprint(data_state.pop(checkpoint.FINGERPRINT_KEY, None),
+                             run.data.fingerprint, latest)
       run.data.train_iter.set_state(data_state)
       logging.info('resumed from the checkpoint at step %d', latest)
     else:
@@ -39,3 +45,18 @@ def create_or_restore(run, workdir: str):
         state['params'] = jax.device_put(hf_init_from.load_params(run.config),
                                          run.fns.state_sharding['params'])
   return state, mngr, latest
+
+
+def data_state(run) -> dict:
+  """What a checkpoint stores of the data: the iterator's position and the data's fingerprint."""
+  return {**run.data.train_iter.get_state(), checkpoint.FINGERPRINT_KEY: run.data.fingerprint}
+
+
+def check_data_fingerprint(saved: str | None, current: str, step: int) -> None:
+  """Logs one line when a resumed run's data differ from those its checkpoint was trained on
+  (the same iterator position then reads other rows)."""
+  if saved and saved != current:
+    logging.warning('data: the tokenized data changed since the checkpoint at step %d was '
+                    'written (fingerprint %s then, %s now): the run goes on from the same '
+                    'position but reads other rows than it would have', step, saved[:12],
+                    current[:12])
