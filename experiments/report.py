@@ -131,6 +131,48 @@ def load(sweep_dir: str, loss: str = 'bits_per_byte') -> Sweep:
                points, excluded)
 
 
+def load_recorded(path: str) -> Sweep:
+  """The sweep a report recorded: `path/fits.json` (a committed result under
+  experiments/results/, or a sweep directory the report has run on) holds every fitted run's
+  N, D, C, loss and budget, so it refits without the runs' directories. Its loss is the one it
+  was written for (`fits.json`'s `loss`). Raises ReportError (one line, naming the file)."""
+  fits_path = os.path.join(os.path.abspath(path), 'fits.json')
+  try:
+    with open(fits_path) as f:
+      recorded = json.load(f)
+    points = {arch: [dict(p) for p in a['runs']] for arch, a in recorded['architectures'].items()}
+    missing = next((k for ps in points.values() for p in ps
+                    for k in ('name', 'N', 'D', 'C', 'loss', 'budget') if k not in p), None)
+    if missing:
+      raise KeyError(f'a run has no {missing!r}')
+  except FileNotFoundError:
+    raise ReportError(f'{fits_path} does not exist (run experiments.report on the sweep first)'
+                      ) from None
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise ReportError(f'{fits_path} is not a report record: {type(e).__name__}: {e}') from None
+  if not any(points.values()):
+    raise ReportError(f'{fits_path} records no fitted runs')
+  runs = [{'name': p['name'], 'architecture': arch, 'budget': p['budget'], 'state': 'finished'}
+          for arch, ps in points.items() for p in ps]
+  return Sweep(os.path.abspath(path), dict(recorded.get('sweep', {})),
+               recorded.get('sweep_code_version', 'unknown'), recorded.get('sweep_command', ''),
+               runs, points, [(e['name'], e['reason']) for e in recorded.get('excluded_runs', [])])
+
+
+def load_any(path: str, loss: str = 'bits_per_byte') -> Sweep:
+  """A live sweep directory (`sweep.json` and runs/) through `load`, else its recorded
+  `fits.json` through `load_recorded` (whose loss must be `loss`)."""
+  if os.path.exists(os.path.join(path, 'sweep.json')):
+    return load(path, loss)
+  sweep = load_recorded(path)
+  with open(os.path.join(path, 'fits.json')) as f:
+    recorded_loss = json.load(f).get('loss', 'bits_per_byte')
+  if recorded_loss != loss:
+    raise ReportError(f'{path}/fits.json records loss={recorded_loss!r}, not {loss!r}; '
+                      'refitting another loss needs the runs (sweep.json and runs/)')
+  return sweep
+
+
 def budget_rtol(sweep: Sweep) -> float:
   """How far a run's counted FLOPs may sit from its budget's and still share it: 10%, or less
   when the sweep's budgets are closer than a factor 1.2 (the trainer stops at the first step

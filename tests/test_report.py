@@ -240,3 +240,30 @@ def test_attention_ratio_plot_and_table_from_a_synthetic_sweep(tmp_path):
                              [[3.30, 3.36], [2.95, 3.05], [3.00, 3.04]])
   # A sweep without the fraction maps has no such section.
   assert report.attention_ratio(report.load(write_sweep(tmp_path / 'plain', [1e18]))) == []
+
+
+def test_a_committed_result_refits_from_its_fits_json(tmp_path):
+  """`load_any` on a committed result (no sweep.json, no runs/) rebuilds the sweep from the runs
+  fits.json recorded and refits them to the multipliers it recorded; a directory without
+  fits.json, a record without runs and another loss are one line naming the file."""
+  committed = os.path.join(report.ROOT, 'experiments', 'results', 'cpu_small_2026-11-30')
+  with open(os.path.join(committed, 'fits.json')) as f:
+    recorded = json.load(f)
+  sweep = report.load_any(committed)
+  assert {a: len(p) for a, p in sweep.points.items()} == {
+      a: len(r['runs']) for a, r in recorded['architectures'].items()}
+  fits = {a: report.ArchitectureFits(None, None, report.scaling.frontier(
+      p, n_bootstrap=0, rtol=report.budget_rtol(sweep))) for a, p in sweep.points.items()}
+  levels = recorded['compute_multipliers']['loss_levels']
+  mults = report.multipliers(sweep, fits, levels)
+  want = recorded['compute_multipliers']['by_architecture']['gpt2']['multipliers']
+  got = [e.value for e in mults['gpt2'].multipliers]
+  np.testing.assert_allclose(got, [w['value'] for w in want], rtol=1e-6)
+
+  with pytest.raises(report.ReportError, match=r'fits.json does not exist'):
+    report.load_any(str(tmp_path))
+  (tmp_path / 'fits.json').write_text(json.dumps({'architectures': {'a': {'runs': [{'N': 1}]}}}))
+  with pytest.raises(report.ReportError, match=r"fits.json is not a report record: .*'name'"):
+    report.load_any(str(tmp_path))
+  with pytest.raises(report.ReportError, match=r"records loss='bits_per_byte', not 'nats'"):
+    report.load_any(committed, 'nats')
