@@ -186,6 +186,19 @@ def deepseek_v3_tiny(config):
                     aux_loss_weight=0.0, bias_update_rate=1e-3, dispatch='capacity'))
 
 
+def moba_tiny(config):
+  """MoBA block-sparse attention, tiny: llama_tiny with every `A` a `B` (models/layers/moba.py):
+  blocks of 16 positions, each query its own block plus the top 2 earlier ones, so at
+  seq_len 128 a query sees at most 48 of 128 keys (the runlocal rows of 64: 48 of 64).
+
+  0.85M parameters (0.82M without the token table) with the byte vocabulary, as llama_tiny:
+  the selection adds none.
+  """
+  llama_tiny(config)
+  config.model.pattern = 'BF' * 4
+  config.model.moba.update(dict(block=16, topk=2))
+
+
 def qwen3_next_tiny(config):
   """Qwen3-Next layout, tiny: three gated-DeltaNet layers per gated-attention layer, each
   followed by a MoE with a gated shared expert (pattern ('GE' * 3 + 'AE') * 2).
@@ -281,7 +294,7 @@ def mamba2_hybrid_tiny(config):
 HYBRID_MIXERS = {'deltanet_hybrid_tiny': 'G', 'mamba2_hybrid_tiny': 'M'}
 
 PRESETS = {f.__name__: f for f in (gpt2_tiny, gpt2_small, llama_tiny, llama_small, qwen3_tiny,
-                                   olmo3_tiny, gpt_oss_tiny, deepseek_v3_tiny, qwen3_next_tiny,
+                                   olmo3_tiny, gpt_oss_tiny, deepseek_v3_tiny, moba_tiny, qwen3_next_tiny,
                                    deltanet_tiny, deltanet_hybrid_tiny, mamba2_tiny,
                                    nemotron_h_tiny, mamba2_hybrid_tiny)}
 

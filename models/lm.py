@@ -25,6 +25,7 @@ from models.layers import attention  # noqa: F401  (registers A, W)
 from models.layers import common
 from models.layers import deltanet  # noqa: F401  (registers G)
 from models.layers import dsa  # noqa: F401  (registers S)
+from models.layers import moba  # noqa: F401  (registers B)
 from models.layers import mamba2  # noqa: F401  (registers M)
 from models.layers import mla  # noqa: F401  (attention.kind='mla')
 from models.layers import mlp  # noqa: F401  (registers F)
