@@ -7,11 +7,17 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import pytest
 
 import errors
+import models
+from configs import common
+from configs import transformer
 from configs.sweeps import arch_compare
+from configs.sweeps import sparsity
 from experiments import sweep as sweep_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,3 +207,30 @@ def test_attention_ratio_sweep_expands_to_every_fraction_of_both_mixers(tmp_path
       r.architecture] == 1.0 and r.seed == 0}
   assert full['deltanet'].params == full['mamba2'].params
   assert 'GFGFGFAFGFGFGFAF' == module.size_overrides('deltanet_a1_4', 64, sweep)['model.pattern']
+
+
+def test_sparsity_sweep_plans_every_stack_at_the_same_keys_per_query(tmp_path):
+  """configs/sweeps/sparsity.py: dense, window, MoBA, MLA and DSA ladders, each sparse layer
+  seeing `keys_per_query` keys; every planned model builds (shapes only)."""
+  sweep, module = sweep_lib.load_sweep('configs/sweeps/sparsity.py:preset=quick')
+  runs = sweep_lib.plan(module, sweep, str(tmp_path))
+  assert {r.architecture for r in runs} == set(sparsity.ARCHITECTURES)
+  assert len(runs) == len(sparsity.ARCHITECTURES) * 2 * 3
+  keys = sweep.keys_per_query
+  fields = {a: sparsity.size_overrides(a, 48, sweep) for a in sparsity.ARCHITECTURES}
+  assert fields['window']['model.attention.window'] == keys
+  assert fields['moba']['model.moba.block'] * (fields['moba']['model.moba.topk'] + 1) == keys
+  assert fields['dsa']['model.dsa.topk'] == keys and fields['dsa']['model.attention.kind'] == 'mla'
+  assert {f['model.pattern'][0] for f in fields.values()} == {'A', 'W', 'B', 'S'}
+  ids = jnp.zeros((1, sweep.seq_len), jnp.int32)
+  for arch, overrides in fields.items():
+    config = transformer.get_config(sparsity.ARCHITECTURES[arch]['arg'])
+    for field, value in overrides.items():
+      common.set_field(config, field, value)
+    config.model.vocab_size = 256
+    model = models.build(config.model)
+    shapes = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), ids, positions_BT=ids,
+                                                   segment_ids_BT=ids + 1))
+    assert shapes['params'], arch
+  with pytest.raises(errors.ConfigError, match=r"preset='tiny' is not one of .*sparsity.py"):
+    sparsity.get_config('preset=tiny')
