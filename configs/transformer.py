@@ -297,7 +297,7 @@ def mdlm_tiny(config):
   """MDLM layout, tiny: MDLM's DiT backbone without its (unused) time conditioning, i.e.
   pre-LayerNorm, GELU MLP (4x), RoPE, MHA, bidirectional; masked diffusion.
 
-  1.0M parameters (0.80M without the token and head tables) with the byte vocabulary;
+  0.86M parameters (0.82M without the token table) with the byte vocabulary;
   300 x 16 x 128 tokens.
   """
   llama_tiny(config)
@@ -311,8 +311,8 @@ def bd3lm_tiny(config):
   """BD3-LM, tiny: mdlm_tiny's backbone trained as block diffusion with blocks of L' = 4
   (`block_size=16` for L' = 16): each step runs rows of 2 x 128 tokens [x_noisy, x].
 
-  1.0M parameters with the byte vocabulary; 300 x 16 x 128 tokens (twice the FLOPs of
-  mdlm_tiny per token).
+  0.86M parameters with the byte vocabulary; 300 x 16 x 128 tokens (more than twice the
+  FLOPs of mdlm_tiny per token: each token runs twice, in rows twice as long).
   """
   mdlm_tiny(config)
   set_block_size(config, 4)
