@@ -245,3 +245,76 @@ def test_a_tiny_masked_diffusion_run_trains_and_its_nelbo_falls(trained_mdlm):
   assert len(evals) == 3 and all(r['eval_bits_per_byte_is_upper_bound'] for r in evals)
   assert evals[-1]['eval_bits_per_byte'] < evals[0]['eval_bits_per_byte'] - 0.3, evals
   assert summary['final_eval_bits_per_byte'] == evals[-1]['eval_bits_per_byte']
+
+
+# ---- samplers (models/diffusion_sampling.py)
+
+
+def exact_denoiser(q_X, length):
+  """`z_BT -> logits_BTV` of the exact conditionals of the distribution q over VOCAB^length
+  sequences: log p(x_l = v | the unmasked tokens of z), for every position."""
+  seqs = np.array(list(itertools.product(range(VOCAB), repeat=length)))  # x = index in base 3
+  table = np.zeros(((VOCAB + 1) ** length, length, VOCAB + 1))
+  for r, z in enumerate(itertools.product(range(VOCAB + 1), repeat=length)):
+    z = np.array(z[::-1])  # row r's digits, position 0 least significant
+    consistent = np.all((seqs == z) | (z == MASK), axis=1)
+    for l in range(length):
+      with np.errstate(divide='ignore'):  # -inf where z_l is unmasked (SUBS ignores it)
+        table[r, l, :VOCAB] = np.log([q_X[consistent & (seqs[:, l] == v)].sum()
+                                      for v in range(VOCAB)])
+  weights_T = (VOCAB + 1) ** np.arange(length)
+  return lambda z_BT: table[np.asarray(z_BT) @ weights_T]
+
+
+@pytest.mark.parametrize('name,steps,exact', [('random_order', 3, True), ('ancestral', 256, True),
+                                              ('ancestral', 1, False)])
+def test_a_sampler_on_the_exact_conditionals_reproduces_the_distribution(name, steps, exact):
+  """Chi-square of 6000 samples against q over the 27 sequences of length 3. One token a step
+  from exact conditionals is exact (random_order with 3 steps; ancestral with 256 steps
+  nearly so); ancestral in one step draws the tokens independently, from q's marginals, and
+  the test must reject it."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  from models import diffusion_sampling  # pylint: disable=g-import-not-at-top
+  length, n = 3, 6000
+  q_X = np.random.default_rng(0).dirichlet(np.full(VOCAB ** length, 2.0))
+  assert n * q_X.min() >= 5
+  spec = diffusion_sampling.Spec(name=name, steps=steps)
+  z_BT, evals = diffusion_sampling.sample_canvas(exact_denoiser(q_X, length),
+                                                 np.full((n, length), MASK), spec=spec,
+                                                 mask_id=MASK, seed=1)
+  assert not np.any(z_BT == MASK) and evals <= steps
+  counts = np.bincount(z_BT @ (VOCAB ** np.arange(length))[::-1], minlength=VOCAB ** length)
+  p = stats.chisquare(counts, n * q_X).pvalue
+  assert (p > 1e-3) if exact else (p < 1e-6), p
+
+
+def test_block_diffusion_sampling_cache_is_exact():
+  """The cached call that denoises block 1 (cache: clean block 0) gives the logits that the
+  training pass over [z, x] gives that noisy block; and block-by-block sampling runs."""
+  from models import diffusion_sampling  # pylint: disable=g-import-not-at-top
+  from models import lm  # pylint: disable=g-import-not-at-top
+  cfg = tiny_model_config('bd3lm_tiny', d_model=32, num_heads=2, num_kv_heads=2, pattern='AF',
+                          mlp_dim=64, vocab_size=260, scan_layers=False)
+  model = models.build(cfg)
+  x_BT = jax.random.randint(jax.random.key(0), (2, 12), 0, 256)
+  batch = batch_of(x_BT)
+  params = model.init(jax.random.key(1), x_BT, positions_BT=batch['positions'],
+                      segment_ids_BT=batch['segment_ids'])
+  z_BT = x_BT.at[:, 4:8].set(jnp.where(jnp.arange(4) % 2 == 0, 259, x_BT[:, 4:8]))
+  both = lambda a, b: jnp.concatenate([a, b], 1)  # noqa: E731
+  pos_BT, seg_BT = batch['positions'], batch['segment_ids']
+  train_BTV = model.apply(params, both(z_BT, x_BT), positions_BT=both(pos_BT, pos_BT),
+                          segment_ids_BT=both(seg_BT, seg_BT))[0][:, 4:8]
+  cache = lm.init_cache(cfg, 2, 12)
+  _, _, cache = model.apply(params, x_BT[:, :4], positions_BT=pos_BT[:, :4],
+                            segment_ids_BT=seg_BT[:, :4], cache=cache)
+  cached_BTV = model.apply(params, z_BT[:, 4:8], positions_BT=pos_BT[:, 4:8],
+                           segment_ids_BT=seg_BT[:, 4:8], cache=cache)[0]
+  np.testing.assert_allclose(cached_BTV, train_BTV, atol=2e-5, rtol=1e-5)
+  spec = diffusion_sampling.Spec(name='low_confidence', steps=2)
+  out = diffusion_sampling.generate(model, params, [[257, 1, 2, 3, 4, 5]] * 2, gen_len=7,
+                                    spec=spec, mask_id=259, seed=0)
+  assert np.array(out.tokens).shape == (2, 7) and not np.any(np.array(out.tokens) == 259)
+  # Blocks [0,4) prompt, [4,8) part prompt, [8,12) and [12,13) generated: 2 steps each for the
+  # three blocks with MASKs, and one write per block.
+  assert out.model_evals == 3 * 2 + 4 and out.tokens_per_sec > 0
