@@ -318,3 +318,21 @@ def test_block_diffusion_sampling_cache_is_exact():
   # Blocks [0,4) prompt, [4,8) part prompt, [8,12) and [12,13) generated: 2 steps each for the
   # three blocks with MASKs, and one write per block.
   assert out.model_evals == 3 * 2 + 4 and out.tokens_per_sec > 0
+
+
+def test_the_sample_command_samples_a_diffusion_run(trained_mdlm, tmp_path):
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  workdir, _ = trained_mdlm
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / 'samples.jsonl'
+  cmd = [sys.executable, '-m', 'experiments.sample', f'--workdir={workdir}', '--prompt=def ',
+         '--max_new_tokens=8', '--steps=4', '--sampler=low_confidence', '--block_length=4',
+         '--seed=1', f'--output={out}']
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  row = json.loads(out.read_text())
+  assert row['model_evals'] == 4 and row['tokens_per_sec'] > 0 and row['sampler'] == 'low_confidence'
+  assert 0 < len(row['tokens']) <= 8 and 259 not in row['tokens']
+  assert '4 model evaluations' in proc.stderr and proc.stdout.startswith('def ')
