@@ -187,18 +187,30 @@ def test_block_diffusion_mask_is_bd3lms():
     assert mask[q, k] == want, (q, k)
 
 
-def test_block_diffusion_with_blocks_of_one_fully_masked_is_next_token_prediction():
+def tiny_bd3(block):
+  return tiny_model_config('bd3lm_tiny', diffusion_block=block, d_model=32, num_heads=2,
+                           num_kv_heads=2, pattern='AF', mlp_dim=64, vocab_size=260,
+                           scan_layers=False)
+
+
+@pytest.fixture(scope='module')
+def bd3_params():
+  """Parameters of the tiny block diffusion backbone (the block length does not change them)."""
+  model = models.build(tiny_bd3(4))
+  dummy_BT = jnp.zeros((1, 8), jnp.int32)
+  return jax.jit(lambda r: model.init(r, dummy_BT, positions_BT=dummy_BT,
+                                      segment_ids_BT=dummy_BT + 1))(jax.random.key(1))
+
+
+def test_block_diffusion_with_blocks_of_one_fully_masked_is_next_token_prediction(bd3_params):
   """L' = 1, every token masked (t = 1): each position's loss is -log p(x_l | x_<l) from a
   MASK query at l that sees the clean prefix, the autoregressive loss of the same network run
   causally on [x_<l, MASK] (checked row by row with the causal mask)."""
   length, vocab = 8, 260
-  cfg = tiny_model_config('bd3lm_tiny', diffusion_block=1, d_model=32, num_heads=2,
-                          num_kv_heads=2, pattern='AF', mlp_dim=64, vocab_size=vocab)
-  model = models.build(cfg)
+  cfg = tiny_bd3(1)
+  model, params = models.build(cfg), bd3_params
   x_BT = jax.random.randint(jax.random.key(0), (2, length), 0, 256)
   batch = batch_of(x_BT)
-  params = model.init(jax.random.key(1), x_BT, positions_BT=batch['positions'],
-                      segment_ids_BT=batch['segment_ids'])
   obj = objective('block_diffusion', vocab=vocab, mask_id=259, block_size=1)
   forward = jax.jit(lambda z_BT, **k: model.apply(params, z_BT, **k)[0])
   nll_sum, z_BT = obj.weighted_nll(forward, batch, jax.random.key(2), jnp.ones((2, length + 1)))
@@ -288,36 +300,31 @@ def test_a_sampler_on_the_exact_conditionals_reproduces_the_distribution(name, s
   assert (p > 1e-3) if exact else (p < 1e-6), p
 
 
-def test_block_diffusion_sampling_cache_is_exact():
+def test_block_diffusion_sampling_cache_is_exact(bd3_params):
   """The cached call that denoises block 1 (cache: clean block 0) gives the logits that the
   training pass over [z, x] gives that noisy block; and block-by-block sampling runs."""
   from models import diffusion_sampling  # pylint: disable=g-import-not-at-top
   from models import lm  # pylint: disable=g-import-not-at-top
-  cfg = tiny_model_config('bd3lm_tiny', d_model=32, num_heads=2, num_kv_heads=2, pattern='AF',
-                          mlp_dim=64, vocab_size=260, scan_layers=False)
-  model = models.build(cfg)
+  cfg = tiny_bd3(4)
+  model, params = models.build(cfg), bd3_params
   x_BT = jax.random.randint(jax.random.key(0), (2, 12), 0, 256)
   batch = batch_of(x_BT)
-  params = model.init(jax.random.key(1), x_BT, positions_BT=batch['positions'],
-                      segment_ids_BT=batch['segment_ids'])
+  apply = jax.jit(lambda z, p, s, c=None: model.apply(params, z, positions_BT=p,
+                                                      segment_ids_BT=s, cache=c))
   z_BT = x_BT.at[:, 4:8].set(jnp.where(jnp.arange(4) % 2 == 0, 259, x_BT[:, 4:8]))
   both = lambda a, b: jnp.concatenate([a, b], 1)  # noqa: E731
   pos_BT, seg_BT = batch['positions'], batch['segment_ids']
-  train_BTV = model.apply(params, both(z_BT, x_BT), positions_BT=both(pos_BT, pos_BT),
-                          segment_ids_BT=both(seg_BT, seg_BT))[0][:, 4:8]
-  cache = lm.init_cache(cfg, 2, 12)
-  _, _, cache = model.apply(params, x_BT[:, :4], positions_BT=pos_BT[:, :4],
-                            segment_ids_BT=seg_BT[:, :4], cache=cache)
-  cached_BTV = model.apply(params, z_BT[:, 4:8], positions_BT=pos_BT[:, 4:8],
-                           segment_ids_BT=seg_BT[:, 4:8], cache=cache)[0]
+  train_BTV = apply(both(z_BT, x_BT), both(pos_BT, pos_BT), both(seg_BT, seg_BT))[0][:, 4:8]
+  _, _, cache = apply(x_BT[:, :4], pos_BT[:, :4], seg_BT[:, :4], lm.init_cache(cfg, 2, 12))
+  cached_BTV = apply(z_BT[:, 4:8], pos_BT[:, 4:8], seg_BT[:, 4:8], cache)[0]
   np.testing.assert_allclose(cached_BTV, train_BTV, atol=2e-5, rtol=1e-5)
   spec = diffusion_sampling.Spec(name='low_confidence', steps=2)
-  out = diffusion_sampling.generate(model, params, [[257, 1, 2, 3, 4, 5]] * 2, gen_len=7,
+  out = diffusion_sampling.generate(model, params, [[257, 1, 2, 3, 4, 5]] * 2, gen_len=6,
                                     spec=spec, mask_id=259, seed=0)
-  assert np.array(out.tokens).shape == (2, 7) and not np.any(np.array(out.tokens) == 259)
-  # Blocks [0,4) prompt, [4,8) part prompt, [8,12) and [12,13) generated: 2 steps each for the
-  # three blocks with MASKs, and one write per block.
-  assert out.model_evals == 3 * 2 + 4 and out.tokens_per_sec > 0
+  assert np.array(out.tokens).shape == (2, 6) and not np.any(np.array(out.tokens) == 259)
+  # Blocks [0,4) prompt, [4,8) part prompt, [8,12) generated: 2 steps each for the two
+  # blocks with MASKs, and one write per block.
+  assert out.model_evals == 2 * 2 + 3 and out.tokens_per_sec > 0
 
 
 def test_the_sample_command_samples_a_diffusion_run(trained_mdlm, tmp_path):
