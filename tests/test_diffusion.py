@@ -343,3 +343,23 @@ def test_the_sample_command_samples_a_diffusion_run(trained_mdlm, tmp_path):
   assert row['model_evals'] == 4 and row['tokens_per_sec'] > 0 and row['sampler'] == 'low_confidence'
   assert 0 < len(row['tokens']) <= 8 and 259 not in row['tokens']
   assert '4 model evaluations' in proc.stderr and proc.stdout.startswith('def ')
+
+
+def test_llada_conditional_likelihood_is_exact_on_the_exact_conditionals():
+  """With the exact conditionals of q, the l-masked estimator averages to -log q(r | p)
+  exactly (any order's chain rule holds); its mean is within 4 reported standard errors, the
+  reported variance is the spread of independent runs."""
+  from models import diffusion_likelihood  # pylint: disable=g-import-not-at-top
+  length = 3
+  q_X = np.random.default_rng(0).dirichlet(np.full(VOCAB ** length, 2.0))
+  denoise = exact_denoiser(q_X, length)
+  q_ABC = q_X.reshape(VOCAB, VOCAB, VOCAB)
+  for response in ([0, 2], [1, 1]):
+    exact = -math.log(q_ABC[2, response[0], response[1]] / q_ABC[2].sum())
+    est = diffusion_likelihood.conditional_nll(denoise, [2], response, mask_id=MASK,
+                                               samples=4000, batch=500, seed=0)
+    assert abs(est.nll - exact) < 4 * est.std_error + 1e-9, (est, exact)
+    assert est.model_evals == 8 and est.variance > 0
+    runs = [diffusion_likelihood.conditional_nll(denoise, [2], response, mask_id=MASK,
+                                                 samples=50, seed=s).nll for s in range(40)]
+    assert 0.5 < np.var(runs, ddof=1) / (est.variance / 50) < 2.0
