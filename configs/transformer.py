@@ -7,7 +7,10 @@ Run (the default preset is llama_tiny):
 
 Arguments after the colon: `preset=NAME`, `runlocal` (shrink to a run of well under a
 minute), `seq_len=N`, `batch_size=N`, `steps=N`, and for a hybrid preset
-`attention_fraction=F` (the share of layers that are attention, spread evenly). Any field can also be set with
+`attention_fraction=F` (the share of layers that are attention, spread evenly), for a block
+diffusion preset `block_size=N` (L'). Diffusion presets (`llada_tiny`, `mdlm_tiny`,
+`bd3lm_tiny`) train a bidirectional backbone on models/diffusion.py's objectives; their
+validation bits per byte are the NELBO, an upper bound. Any field can also be set with
 `--config.model.d_model=256` etc.
 
 Measured on this project's 2-core x86_64 CPU machine (no accelerator), byte tokenizer, stdlib
@@ -290,18 +293,64 @@ def mamba2_hybrid_tiny(config):
   m.position, m.mlp_activation, m.mlp_dim, m.num_kv_heads = 'rope', 'swiglu', 384, 2
 
 
+def llada_tiny(config):
+  """LLaDA layout, tiny: llama_tiny's sublayers (RoPE, RMSNorm, SwiGLU, GQA) without the causal
+  mask, trained as masked diffusion (models/diffusion.py). LLaDA 8B is a Llama-style
+  decoder made bidirectional.
+
+  0.85M parameters (0.82M without the token table) with the byte vocabulary; 300 x 16 x 128
+  tokens, as llama_tiny.
+  """
+  llama_tiny(config)
+  config.model.bidirectional = True
+  config.objective.name = 'masked_diffusion'
+
+
+def mdlm_tiny(config):
+  """MDLM layout, tiny: MDLM's DiT backbone without its (unused) time conditioning, i.e.
+  pre-LayerNorm, GELU MLP (4x), RoPE, MHA, bidirectional; masked diffusion.
+
+  0.86M parameters (0.82M without the token table) with the byte vocabulary;
+  300 x 16 x 128 tokens.
+  """
+  llama_tiny(config)
+  m = config.model
+  m.norm, m.mlp_activation, m.num_kv_heads, m.mlp_dim = 'layernorm', 'gelu', 4, 512
+  m.bidirectional = True
+  config.objective.name = 'masked_diffusion'
+
+
+def bd3lm_tiny(config):
+  """BD3-LM, tiny: mdlm_tiny's backbone trained as block diffusion with blocks of L' = 4
+  (`block_size=16` for L' = 16): each step runs rows of 2 x 128 tokens [x_noisy, x].
+
+  0.86M parameters with the byte vocabulary; 300 x 16 x 128 tokens (more than twice the
+  FLOPs of mdlm_tiny per token: each token runs twice, in rows twice as long).
+  """
+  mdlm_tiny(config)
+  set_block_size(config, 4)
+  config.objective.name = 'block_diffusion'
+
+
+def set_block_size(config, block: int) -> None:
+  """Block diffusion's L': the objective's blocks and the attention mask's, kept equal."""
+  config.objective.block_size = block
+  config.model.diffusion_block = block
+
+
 # Presets whose mixer `attention_fraction=` re-lays (attention at evenly spread layers).
 HYBRID_MIXERS = {'deltanet_hybrid_tiny': 'G', 'mamba2_hybrid_tiny': 'M'}
 
 PRESETS = {f.__name__: f for f in (gpt2_tiny, gpt2_small, llama_tiny, llama_small, qwen3_tiny,
                                    olmo3_tiny, gpt_oss_tiny, deepseek_v3_tiny, moba_tiny, qwen3_next_tiny,
                                    deltanet_tiny, deltanet_hybrid_tiny, mamba2_tiny,
-                                   nemotron_h_tiny, mamba2_hybrid_tiny)}
+                                   nemotron_h_tiny, mamba2_hybrid_tiny, llada_tiny, mdlm_tiny,
+                                   bd3lm_tiny)}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, preset='llama_tiny', runlocal=False, seq_len=0, batch_size=0,
-                          steps=0, attention_fraction=-1.0)
+                          steps=0, attention_fraction=-1.0, block_size=0)
   if args.preset not in PRESETS:
     raise errors.ConfigError(f'preset={args.preset!r} is not one of {sorted(PRESETS)} '
                      f'(configs/transformer.py)')
@@ -314,6 +363,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     layers = len(config.model.pattern) // 2
     config.model.pattern = common.hybrid_pattern(HYBRID_MIXERS[args.preset],
                                                  args.attention_fraction, layers)
+  if args.block_size:
+    if config.objective.name != 'block_diffusion':
+      raise errors.ConfigError(f'config argument block_size applies to block diffusion presets '
+                               f'(bd3lm_tiny), not preset={args.preset!r}')
+    set_block_size(config, args.block_size)
   if args.runlocal:
     common.apply_runlocal(config)
   if args.seq_len:

@@ -14,6 +14,17 @@ the terminal as it is generated; several (a `--prompts_file`: one per line, or J
 completion, tokens, why it stopped, tokens/s. Sampling: `--temperature` (0: greedy),
 `--top_k`, `--top_p`, `--min_p`, `--repetition_penalty`, `--seed`; generation stops at the eos
 token, at `--stop` strings or after `--max_new_tokens`. Bad input is one line.
+
+A diffusion run (`model.bidirectional`, models/diffusion.py) is sampled by
+models/diffusion_sampling.py: `--max_new_tokens` MASKs after the prompt are filled in `--steps`
+model evaluations (default: one per token) by `--sampler` (ancestral, low_confidence,
+random_order, confidence_threshold with `--threshold`), semi-autoregressively in blocks of
+`--block_length`; a block diffusion run goes block by block with its KV cache. The completion
+is cut at the first eos token (or stop string); tokens/s and the model evaluations are
+reported. `--top_k`, `--top_p`, `--min_p` and `--repetition_penalty` are refused there.
+
+  python -m experiments.sample --workdir=MDLM_RUN --prompt="def " --max_new_tokens=64 \
+      --steps=32 --sampler=low_confidence --block_length=16
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import errors
 import models
 from input_pipeline import tokenizer as tokenizer_lib
 from models import decode
+from models import diffusion_sampling
 from models import hf
 from models.hf import files as hf_files
 from trainer import checkpoint
@@ -56,6 +68,13 @@ _PENALTY = flags.DEFINE_float('repetition_penalty', 1.0, '1: off.')
 _STOP = flags.DEFINE_multi_string('stop', [], 'Stop strings (repeat the flag for several).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed: the same seed gives the same text.')
 _STEPS_PER_CALL = flags.DEFINE_integer('steps_per_call', 8, 'Tokens decoded per compiled call.')
+_SAMPLER = flags.DEFINE_enum('sampler', None, list(diffusion_sampling.SAMPLERS),
+                             'Diffusion runs: how MASKs are filled (default low_confidence).')
+_STEPS = flags.DEFINE_integer('steps', None, 'Diffusion runs: model evaluations for the '
+                              'generated span (default: --max_new_tokens).')
+_BLOCK_LENGTH = flags.DEFINE_integer('block_length', 0, 'Diffusion runs: semi-autoregressive '
+                                     'blocks of this many tokens (0: one block).')
+_THRESHOLD = flags.DEFINE_float('threshold', 0.9, 'Diffusion runs: confidence_threshold\'s.')
 _CACHE_DTYPE = flags.DEFINE_enum('cache_dtype', '', ['', 'float32', 'bfloat16'],
                                  'Decode cache storage ("": the model\'s compute dtype).')
 
@@ -166,6 +185,48 @@ def sample(model_config, variables, tokenizer, prompts: list[str], *, max_new_to
   return rows
 
 
+def run_mask_id(workdir: str | None, tokenizer) -> int:
+  """The MASK id a diffusion run trained with: the tokenizer's, else its objective.mask_id."""
+  config_path = os.path.join(workdir or '', 'config.json')
+  configured = -1
+  if workdir and os.path.isfile(config_path):
+    with open(config_path) as f:
+      objective = json.load(f).get('objective', {})
+    configured = objective.get('mask_id', -1) if isinstance(objective, dict) else -1
+  mask_id = configured if configured >= 0 else getattr(tokenizer, 'mask_id', None)
+  if mask_id is None:
+    raise errors.ConfigError(f'{workdir}: no MASK id (the tokenizer has none and '
+                             'objective.mask_id is not set)')
+  return int(mask_id)
+
+
+def sample_diffusion(model_config, variables, tokenizer, prompts: list[str], *,
+                     max_new_tokens: int, spec: diffusion_sampling.Spec, mask_id: int,
+                     stop: list[str], seed: int) -> list[dict]:
+  """Completions of `prompts` from a diffusion model (prompt, completion, tokens, finish,
+  tokens_per_sec, model_evals)."""
+  if model_config.vocab_size < tokenizer.vocab_size:
+    raise errors.ConfigError(f'the tokenizer has {tokenizer.vocab_size} tokens, the model '
+                             f'{model_config.vocab_size}')
+  model = models.build(model_config)
+  ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+  variables = jax.tree.map(jnp.asarray, variables)
+  out = diffusion_sampling.generate(model, variables, ids, gen_len=max_new_tokens, spec=spec,
+                                    mask_id=mask_id, pad_id=tokenizer.pad_id, seed=seed)
+  strings = decode.StopStrings(tokenizer.decode, stop, len(prompts))
+  rows = []
+  for prompt, tokens in zip(prompts, out.tokens):
+    finish = 'length'
+    if tokenizer.eos_id in tokens:
+      tokens, finish = tokens[:tokens.index(tokenizer.eos_id) + 1], 'stop'
+    text = strings.cut(tokenizer.decode(tokens))
+    finish = 'stop' if len(text) < len(tokenizer.decode(tokens)) else finish
+    rows.append({'prompt': prompt, 'completion': text, 'tokens': tokens, 'finish': finish,
+                 'tokens_per_sec': out.tokens_per_sec, 'model_evals': out.model_evals,
+                 'sampler': spec.name, 'steps': spec.steps})
+  return rows
+
+
 def _main():
   if bool(_WORKDIR.value) == bool(_HF.value):
     raise errors.ConfigError('give one of --workdir and --hf')
@@ -179,6 +240,12 @@ def _main():
     model_config, variables, tokenizer = load_hf(_HF.value)
   if _CACHE_DTYPE.value:
     model_config.cache_dtype = _CACHE_DTYPE.value
+  if model_config.get('bidirectional', False):
+    _main_diffusion(model_config, variables, tokenizer, prompts)
+    return
+  if _SAMPLER.value is not None or _STEPS.value is not None or _BLOCK_LENGTH.value:
+    raise errors.ConfigError('--sampler, --steps and --block_length apply to diffusion runs '
+                             '(model.bidirectional=True); this run is autoregressive')
   single = len(prompts) == 1
   if single:
     print(prompts[0], end='', flush=True)
@@ -193,6 +260,32 @@ def _main():
       print(f'--- {row["prompt"]}\n{row["prompt"]}{row["completion"]}')
   print(f'[{sum(len(r["tokens"]) for r in rows)} tokens, {rows[0]["tokens_per_sec"]:.1f} '
         f'tokens/s decoding, batch {len(rows)}]', file=sys.stderr)
+  _write_output(rows)
+
+
+def _main_diffusion(model_config, variables, tokenizer, prompts):
+  for name in ('top_k', 'top_p', 'min_p', 'repetition_penalty'):
+    if flags.FLAGS[name].present:
+      raise errors.ConfigError(f'--{name} is for autoregressive runs; a diffusion run is sampled '
+                               'with --sampler, --steps, --temperature, --block_length')
+  spec = diffusion_sampling.Spec(name=_SAMPLER.value or 'low_confidence',
+                                 steps=_STEPS.value or _MAX_NEW.value,
+                                 temperature=_TEMPERATURE.value, block_length=_BLOCK_LENGTH.value,
+                                 threshold=_THRESHOLD.value)
+  rows = sample_diffusion(model_config, variables, tokenizer, prompts,
+                          max_new_tokens=_MAX_NEW.value, spec=spec,
+                          mask_id=run_mask_id(_WORKDIR.value, tokenizer), stop=_STOP.value,
+                          seed=_SEED.value)
+  for row in rows:
+    print(row['prompt'] + row['completion'] if len(rows) == 1 else
+          f'--- {row["prompt"]}\n{row["prompt"]}{row["completion"]}')
+  print(f'[{sum(len(r["tokens"]) for r in rows)} tokens, {rows[0]["tokens_per_sec"]:.1f} '
+        f'tokens/s, {rows[0]["model_evals"]} model evaluations ({spec.name}, {spec.steps} '
+        f'steps), batch {len(rows)}]', file=sys.stderr)
+  _write_output(rows)
+
+
+def _write_output(rows):
   if _OUTPUT.value:
     tmp = _OUTPUT.value + '.tmp'
     with open(tmp, 'w', encoding='utf-8') as f:

@@ -53,6 +53,9 @@ DEFAULTS = dict(
     embed_scale=1.0,           # multiplies token embeddings (Gemma: sqrt(d_model))
     logit_softcap=0.0,         # cap * tanh(logits / cap) on the output logits (0: off)
     bidirectional=False,       # True for diffusion objectives (objectives check it)
+    diffusion_block=0,         # block diffusion (BD3-LM): training rows are [x_noisy, x] halves
+                               # and attention uses the block-diffusion mask with blocks of
+                               # this many tokens (models/diffusion.py); 0: off
     init_std=0.02,
     scan_layers=True,          # nn.scan over the pattern's repeating unit
     remat='none',              # none | full | save_dots | save_dots_no_batch
@@ -108,6 +111,9 @@ def validate(cfg) -> None:
                              f'{NORM_PLACEMENTS}')
   if cfg.logit_softcap < 0:
     raise errors.ConfigError(f'model.logit_softcap={cfg.logit_softcap} must be >= 0 (0: off)')
+  if cfg.diffusion_block < 0 or (cfg.diffusion_block and not cfg.bidirectional):
+    raise errors.ConfigError(f'model.diffusion_block={cfg.diffusion_block} must be 0 (off), or '
+                             'positive with model.bidirectional=True')
   if cfg.remat not in REMAT_POLICIES:
     raise errors.ConfigError(f'model.remat={cfg.remat!r} is not one of {sorted(REMAT_POLICIES)}')
   if not cfg.head_dim and cfg.d_model % cfg.num_heads:
@@ -123,6 +129,10 @@ def validate(cfg) -> None:
     if cfg.bidirectional and not cls.BIDIRECTIONAL:
       raise errors.ConfigError(f'model.pattern={cfg.pattern!r} has {char!r} ({cls.__name__}), '
                                'which is causal only: it cannot run with model.bidirectional=True')
+    if cfg.diffusion_block and not cls.BLOCK_DIFFUSION:
+      raise errors.ConfigError(f'model.pattern={cfg.pattern!r} has {char!r} ({cls.__name__}), '
+                               'which has no block-diffusion mask: it cannot run with '
+                               f'model.diffusion_block={cfg.diffusion_block}')
     cls.validate(cfg)
 
 

@@ -160,10 +160,12 @@ class Objective:
   """Base of every objective: built from config.objective (`cfg`) and the tokenizer's Tokens.
 
   `BACKBONE` is 'causal' or 'bidirectional': the value of `model.bidirectional` it trains.
-  `DEFAULTS` are its fields of config.objective.
+  `DEFAULTS` are its fields of config.objective. `UPPER_BOUND` marks an objective whose
+  nll_sum is a bound on the NLL (the diffusion NELBO), not the NLL itself.
   """
   NAME: ClassVar[str] = ''
   BACKBONE: ClassVar[str] = 'causal'
+  UPPER_BOUND: ClassVar[bool] = False
   DEFAULTS: ClassVar[dict] = {}
 
   def __init__(self, cfg, tokens: Tokens):
@@ -231,3 +233,7 @@ class NextToken(Objective):
 
 def bits_per_byte(nll_sum, bytes_sum):
   return nll_sum / math.log(2) / max(float(bytes_sum), 1.0)
+
+
+# Importing the diffusion objectives registers them (models/diffusion.py imports this module).
+from models import diffusion  # noqa: E402,F401  pylint: disable=g-import-not-at-top

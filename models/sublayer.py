@@ -17,6 +17,9 @@ interop need to know about it, so no other file tests for pattern characters:
   BIAS_SWITCHES  what `model.use_bias=True` turns on in this sublayer, as the switches that
                  turn on the same biases alone (None: use_bias means more than switches can)
   BIDIRECTIONAL  whether it can run without a causal mask (diffusion backbones)
+  BLOCK_DIFFUSION  whether it runs training rows of block diffusion (`model.diffusion_block`:
+                 [x_noisy, x] halves under BD3-LM's mask): position-wise sublayers and
+                 attention that builds its mask in `attention.attend`
 
   select(cfg)                      the class serving the character under cfg (`A` -> MLA),
                                    one of itself and `variants()`
@@ -53,6 +56,7 @@ class Sublayer(nn.Module):
   TRAINING_ONLY: ClassVar[tuple[str, ...]] = ()
   BIAS_SWITCHES: ClassVar[tuple[str, ...] | None] = ()
   BIDIRECTIONAL: ClassVar[bool] = True
+  BLOCK_DIFFUSION: ClassVar[bool] = False
 
   @classmethod
   def select(cls, cfg) -> type:

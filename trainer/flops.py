@@ -28,7 +28,10 @@ def count_params(params) -> dict[str, int]:
 
 
 def train_flops_per_token(model_config, seq_len: int) -> float:
-  """Forward + backward: 3x the analytic forward count (DESIGN.md)."""
+  """Forward + backward: 3x the analytic forward count (DESIGN.md). Block diffusion
+  (`model.diffusion_block`) runs each token twice, in rows [x_noisy, x] of 2 x seq_len."""
+  if model_config.get('diffusion_block', 0):
+    return 2 * 3.0 * lm.flops_per_token(model_config, 2 * seq_len)
   return 3.0 * lm.flops_per_token(model_config, seq_len)
 
 

@@ -119,15 +119,19 @@ def to_global(run: Run, local_batch: dict) -> dict:
 
 
 def evaluate(run: Run, state) -> dict:
-  """Loss in nats per token and bits per byte over the fixed validation batches."""
+  """Loss in nats per token and bits per byte over the fixed validation batches (with
+  `eval_bits_per_byte_is_upper_bound` when the objective reports a bound, the NELBO)."""
   sums = {}
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
     for batch in run.data.eval_batches:
       out = run.eval_step(state['params'], state['collections'], to_global(run, batch))
       for k, v in jax.device_get(out).items():
         sums[k] = sums.get(k, 0.0) + float(v)
-  return {'eval_loss': sums['nll_sum'] / max(sums['weight_sum'], 1.0),
-          'eval_bits_per_byte': objectives.bits_per_byte(sums['nll_sum'], sums['bytes_sum'])}
+  out = {'eval_loss': sums['nll_sum'] / max(sums['weight_sum'], 1.0),
+         'eval_bits_per_byte': objectives.bits_per_byte(sums['nll_sum'], sums['bytes_sum'])}
+  if run.objective.UPPER_BOUND:  # a diffusion NELBO: an upper bound on the NLL, said so
+    out['eval_bits_per_byte_is_upper_bound'] = True
+  return out
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

@@ -57,6 +57,9 @@ def summary(run, *, params_count: dict, eval_metrics: dict, xla_step_flops: floa
       'objective': config.objective.name,
       'final_eval_loss': eval_metrics['eval_loss'],
       'final_eval_bits_per_byte': eval_metrics['eval_bits_per_byte'],
+      # True for a diffusion run: its bits per byte are the NELBO, an upper bound.
+      'final_eval_bits_per_byte_is_upper_bound': bool(
+          eval_metrics.get('eval_bits_per_byte_is_upper_bound', False)),
       'train_time_sec': train_time,
       'wall_time_sec': time.time() - wall_start,
       'peak_flops': peak_flops,

@@ -83,6 +83,24 @@ def attention_mask(q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, *, causal: bool, wind
   return mask_BTS
 
 
+def block_diffusion_mask(q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, *, block: int):
+  """BD3-LM's mask over a training row [x_noisy, x] (two halves of T/2 tokens with the same
+  positions and segments): a noisy token sees the noisy tokens of its own block
+  (bidirectionally) and the clean tokens of earlier blocks; a clean token sees the clean
+  tokens of its own and earlier blocks. Blocks are `block` positions of a segment.
+  """
+  t, s = q_pos_BT.shape[1], k_pos_BS.shape[1]
+  assert t == s and t % 2 == 0, f'block diffusion rows are [x_noisy, x], got {t} x {s}'
+  noisy_T = jnp.arange(t) < t // 2
+  q_noisy_1T1, k_noisy_11S = noisy_T[None, :, None], noisy_T[None, None, :]
+  ahead_BTS = q_pos_BT[:, :, None] // block - k_pos_BS[:, None, :] // block  # q block - k block
+  mask_BTS = (q_seg_BT[:, :, None] == k_seg_BS[:, None, :]) & (k_seg_BS[:, None, :] != 0)
+  visible_BTS = jnp.where(q_noisy_1T1,
+                          jnp.where(k_noisy_11S, ahead_BTS == 0, ahead_BTS > 0),
+                          ~k_noisy_11S & (ahead_BTS >= 0))
+  return mask_BTS & visible_BTS
+
+
 def dot_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float, sinks_N=None):
   """Reference attention: GQA by grouping the query heads of each kv head.
 
@@ -216,6 +234,13 @@ def attend(cfg, q_BTNH, k_BSKH, v_BSKH, *, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_B
   query blocks that skip hidden key blocks.
   """
   causal = not cfg.bidirectional
+  if cfg.diffusion_block and blocked:  # block diffusion's training rows [x_noisy, x]
+    mask_BTS = block_diffusion_mask(q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS,
+                                    block=cfg.diffusion_block)
+    impl = resolve_impl(cfg, (q_BTNH.shape[-1], v_BSKH.shape[-1]))
+    fn = dot_attention if impl == 'xla' else functools.partial(
+        library_attention, implementation='cudnn' if impl == 'cudnn' else None)
+    return fn(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, sinks_N=sinks_N)
   impl = resolve_impl(cfg, (q_BTNH.shape[-1], v_BSKH.shape[-1]),
                       causal_rows=q_BTNH.shape[1] if blocked and causal else 0)
   if impl == 'flash':
@@ -320,6 +345,9 @@ def validate_shared(cfg, cls, head_dims: tuple[int, ...]) -> None:
     if problem:
       raise errors.ConfigError(f'model.attention.impl={a.impl!r} cannot serve this model: {problem}; '
                        f"use 'xla' or 'auto'")
+  if a.impl == 'flash' and cfg.get('diffusion_block', 0):
+    raise errors.ConfigError("model.attention.impl='flash' has no block-diffusion mask yet "
+                             '(model.diffusion_block > 0); use \'xla\' or \'auto\'')
   if a.causal_block < 0:
     raise errors.ConfigError(f'model.attention.causal_block={a.causal_block} must be >= 0')
   if a.window < 0 or (cls.windowed and a.window == 0):
@@ -371,6 +399,7 @@ class AttentionBase(sublayer.Sublayer):
 class Attention(AttentionBase):
   """Global softmax attention over the row (causal unless the model is bidirectional)."""
   IGNORES = ('attention.window', 'attention.mla')
+  BLOCK_DIFFUSION = True  # training rows' mask from `attend` (`block_diffusion_mask`)
 
   @classmethod
   def validate(cls, cfg):
@@ -501,6 +530,7 @@ class SlidingAttention(Attention):
   """Sliding-window attention: each query sees the last `attention.window` positions."""
   windowed: ClassVar[bool] = True
   IGNORES = ('attention.mla',)
+  BLOCK_DIFFUSION = False
 
 
 register_kind('mha', Attention, SlidingAttention)

@@ -52,6 +52,7 @@ def softmax_scale(cfg) -> float:
 class MLAttention(attention.AttentionBase):
   """MLA over the row (global); `SlidingMLAttention` is its windowed form."""
   IGNORES = ('attention.window',)
+  BLOCK_DIFFUSION = True  # its training rows' mask comes from `attention.attend`
 
   @classmethod
   def validate(cls, cfg):
@@ -218,6 +219,7 @@ class SlidingMLAttention(MLAttention):
   """MLA over the last `attention.window` positions (`W` with `attention.kind='mla'`)."""
   windowed: ClassVar[bool] = True
   IGNORES = ()
+  BLOCK_DIFFUSION = False
 
 
 attention.register_kind('mla', MLAttention, SlidingMLAttention)

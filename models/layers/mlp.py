@@ -45,6 +45,7 @@ def activation(cfg):
 @models.register_sublayer('F')
 class Mlp(sublayer.Sublayer):
   """y = W_out act(W_in x) or, gated, y = W_out (act(W_gate x) * W_up x)."""
+  BLOCK_DIFFUSION = True  # position-wise
   # Its fields of config.model (the MoE sublayer reads them too).
   DEFAULTS = dict(
       mlp_dim=512,

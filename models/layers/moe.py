@@ -244,6 +244,7 @@ def dispatch_dense(x_TD, weights_TX, experts_TX, valid_T, w, act, gated):
 @models.register_sublayer('E')
 class Moe(sublayer.Sublayer):
   """Routed experts (top-k of `model.moe.num_experts`) plus optional shared experts."""
+  BLOCK_DIFFUSION = True  # position-wise (capacity dispatch lets a row's tokens compete)
   # Its fields of config.model: the dense MLP's (each expert is one) and the `moe` section.
   DEFAULTS = dict(**mlp.Mlp.DEFAULTS, moe=dict(
       num_experts=8,
