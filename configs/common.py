@@ -117,6 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.1,
       decay_embeddings=False,    # weight decay on embeddings and the head
       grad_clip=1.0,             # global norm; 0 disables
+      trainable='all',           # all | indexer: only DSA's indexer trains (its dense warm-up)
   ))
   config.train = ml_collections.ConfigDict(dict(
       batch_size=16,             # global, in rows of data.seq_len tokens

@@ -189,6 +189,21 @@ def deepseek_v3_tiny(config):
                     aux_loss_weight=0.0, bias_update_rate=1e-3, dispatch='capacity'))
 
 
+def deepseek_v32_tiny(config):
+  """DeepSeek V3.2 layout, tiny: deepseek_v3_tiny with every `A` a DSA `S`
+  (models/layers/dsa.py): a lightning indexer of 4 heads of 32 (16 rotated, rotate-half) picks
+  32 keys per query, so selection matters beyond 32 tokens (seq_len 128).
+
+  1.47M parameters (1.44M without the token table) with the byte vocabulary: the indexer
+  adds 12.9K a layer to deepseek_v3_tiny. Two-stage training
+  (dense warm-up of the indexer, then sparse): README "Sparse attention".
+  """
+  deepseek_v3_tiny(config)
+  m = config.model
+  m.pattern = m.pattern.replace('A', 'S')
+  m.dsa.update(dict(index_heads=4, index_head_dim=32, index_rope_dim=16, topk=32))
+
+
 def moba_tiny(config):
   """MoBA block-sparse attention, tiny: llama_tiny with every `A` a `B` (models/layers/moba.py):
   blocks of 16 positions, each query its own block plus the top 2 earlier ones, so at
@@ -342,7 +357,8 @@ def set_block_size(config, block: int) -> None:
 HYBRID_MIXERS = {'deltanet_hybrid_tiny': 'G', 'mamba2_hybrid_tiny': 'M'}
 
 PRESETS = {f.__name__: f for f in (gpt2_tiny, gpt2_small, llama_tiny, llama_small, qwen3_tiny,
-                                   olmo3_tiny, gpt_oss_tiny, deepseek_v3_tiny, moba_tiny, qwen3_next_tiny,
+                                   olmo3_tiny, gpt_oss_tiny, deepseek_v3_tiny, deepseek_v32_tiny,
+                                   moba_tiny, qwen3_next_tiny,
                                    deltanet_tiny, deltanet_hybrid_tiny, mamba2_tiny,
                                    nemotron_h_tiny, mamba2_hybrid_tiny, llada_tiny, mdlm_tiny,
                                    bd3lm_tiny)}

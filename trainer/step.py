@@ -61,9 +61,10 @@ def make_init_fn(model, tx, seq_len: int):
   return init
 
 
-def make_step_fns(model, tx, schedule, objective, train_config):
+def make_step_fns(model, tx, schedule, objective, train_config, freeze_collections=False):
   """The training step `(state, batch) -> (state, metrics)` and `(params, collections,
-  batch) -> sums`, for an `objectives.Objective`."""
+  batch) -> sums`, for an `objectives.Objective`. `freeze_collections` keeps the collections
+  (the MoE routing biases) as they are: the rest of the model is frozen (`optim.trainable`)."""
   t = train_config
 
   def train_step(state, batch):
@@ -98,6 +99,8 @@ def make_step_fns(model, tx, schedule, objective, train_config):
       metrics = {k: v if k.endswith('_sum') else jax.tree.map(lambda x: x * scale, v)
                  for k, v in metrics.items()}
       collections = jax.tree.map(lambda c: c * scale, collections)
+    if freeze_collections:
+      collections = state['collections']
     grad_norm = optim.global_norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), state['params'], updates)
@@ -175,7 +178,8 @@ def jit_functions(config, model, objective, mesh, rules) -> JitFunctions:
   total_steps = total_steps_for(t, tokens_per_step, train_fpt)
   tx, schedule = optim.make_optimizer(config.optim, total_steps)
   init = make_init_fn(model, tx, seq_len)
-  train_step, eval_step = make_step_fns(model, tx, schedule, objective, t)
+  frozen = config.optim.get('trainable', 'all') != 'all'
+  train_step, eval_step = make_step_fns(model, tx, schedule, objective, t, freeze_collections=frozen)
   rng = jax.random.key(t.seed)  # made outside the mesh, whose devices may be abstract (aot)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract = jax.eval_shape(init, rng)
