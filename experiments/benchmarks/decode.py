@@ -14,7 +14,10 @@ compute the same thing. Target: archlab at least 2x transformers' tokens/s.
 
 Part `context`: one stack of each cache kind at llama_small's width (6 layers, d=384): `A`
 (GQA, 2 kv heads: a cache growing with the context), `W` (window 1024: a ring of 1024 slots)
-MLA (`A` with attention.kind='mla', kv rank 128 + RoPE 32: the latent cache), and the
+MLA (`A` with attention.kind='mla', kv rank 128 + RoPE 32: the latent cache), `S` (DSA over
+that MLA, 2048 keys per query chosen by a 4-head indexer: the latent cache plus one 64-float
+indexer key per token; each step scores every cached key), `B` (MoBA over `A`: blocks of 512,
+its own and the top 3 earlier: the full KV cache, block means recomputed from it), and the
 linear-time mixers, whose cache is a convolution window and a float32 state of a size that
 does not depend on the context: `G` (gated DeltaNet, 6 key and value heads of 64: a 64 x 64
 state per head) and `M` (Mamba-2, 12 heads of 64, expand 2, state 128); batch 1. For each
@@ -51,7 +54,7 @@ _REPEATS = shared_flag('repeats', lambda: flags.DEFINE_integer(
 _CONTEXTS = flags.DEFINE_list('contexts', ['1024', '2048', '4096', '8192', '16384', '32768'],
                               'context: prompt lengths.')
 _CONTEXT_TOKENS = flags.DEFINE_integer('context_tokens', 32, 'context: decoded tokens timed.')
-_STACKS = flags.DEFINE_list('stacks', [], 'context: only these stacks (A, W, MLA, G, M); all '
+_STACKS = flags.DEFINE_list('stacks', [], 'context: only these stacks (A, W, MLA, S, B, G, M); all '
                             'by default.')
 
 
@@ -136,11 +139,16 @@ def stacks(only=()):
   mla = dict(a, num_kv_heads=6)
   mla['attention'] = dict(a['attention'], kind='mla', mla=dict(
       q_rank=0, kv_rank=128, nope_head_dim=64, rope_head_dim=32, v_head_dim=64, norm_eps=0.0))
+  dsa_stack = dict(mla, pattern='SF' * 6)  # DeepSeek V3.2's 2048 keys per query
+  dsa_stack['dsa'] = dict(a['dsa'], topk=2048, index_heads=4, index_head_dim=64)
+  moba_stack = dict(a, pattern='BF' * 6)  # MoBA: own block + 3 of 512 (2048 keys per query)
+  moba_stack['moba'] = dict(a['moba'], block=512, topk=3)
   g = dict(a, pattern='GF' * 6, position='none')  # deltanet defaults: num_heads heads of 64
   ssm = dict(a, pattern='MF' * 6, position='none')  # mamba defaults: expand 2, 64, state 128
   import ml_collections  # pylint: disable=g-import-not-at-top
   return {name: ml_collections.ConfigDict(m) for name, m in
           (('A (GQA 6/2)', a), ('W (window 1024)', w), ('MLA (rank 128 + 32)', mla),
+           ('S (DSA over MLA, 2048)', dsa_stack), ('B (MoBA 4 x 512)', moba_stack),
            ('G (6 heads, 64 x 64)', g), ('M (12 heads, state 128)', ssm))
           if not only or name.split()[0] in only}
 
