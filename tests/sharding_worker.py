@@ -92,6 +92,17 @@ FAMILIES = {
     'deltanet_hybrid': ('deltanet_hybrid_tiny', {'model.pattern': 'GFAF'}),
     'mamba2_hybrid': ('mamba2_hybrid_tiny', {'model.pattern': 'MFAF',
                                              'model.mamba': dict(head_dim=8, state_dim=8)}),
+    # Sparse attention: DSA over MLA (the indexer's heads on `tensor` with MLA's) and MoBA,
+    # both with selection that matters at 16 tokens.
+    'deepseek_v32': ('deepseek_v32_tiny', {
+        'model.pattern': 'SFSE', 'model.moe.expert_mlp_dim': 32,
+        'model.attention.mla': dict(q_rank=32, kv_rank=16, nope_head_dim=8, rope_head_dim=8,
+                                    v_head_dim=8),
+        'model.dsa': dict(index_heads=4, index_head_dim=8, index_rope_dim=4, topk=6, block=8)}),
+    'moba': ('moba_tiny', {'model.pattern': 'BFBF', 'model.moba': dict(block=4, topk=1)}),
+    # Text diffusion: masked (bidirectional) and block diffusion (two passes in one row).
+    'llada': ('llada_tiny', {'model.pattern': 'AFAF'}),
+    'bd3lm': ('bd3lm_tiny', {'model.pattern': 'AFAF'}),
 }
 # deepseek_v3 with dropless dispatch (sort + ragged_dot) instead of the preset's capacity.
 FAMILIES['deepseek_v3_dropless'] = ('deepseek_v3_tiny', dict(

@@ -207,7 +207,7 @@ def test_mixers_crossover_and_mismatch():
 
 
 def test_decode_benchmark_mixer_rows_keep_a_constant_cache():
-  """The decode benchmark's G and M rows: their caches are the same size at any context,
+  """The decode benchmark's rows: G's and M's caches are the same size at any context,
   attention's grows with it."""
   from experiments.benchmarks import decode
   from models import lm
@@ -216,7 +216,9 @@ def test_decode_benchmark_mixer_rows_keep_a_constant_cache():
     cfg = models.build(cfg).cfg
     sizes[name.split()[0]] = [sum(x.nbytes for x in jax.tree.leaves(lm.init_cache(cfg, 1, n)))
                               for n in (1024, 32768)]
-  assert set(sizes) == {'A', 'W', 'MLA', 'G', 'M'}
+  assert set(sizes) == {'A', 'W', 'MLA', 'S', 'B', 'G', 'M'}
   assert sizes['G'][0] == sizes['G'][1] > 0 and sizes['M'][0] == sizes['M'][1] > 0
   assert sizes['A'][1] > 20 * sizes['A'][0]
+  # DSA keeps MLA's latent cache plus one indexer key per token; MoBA keeps A's whole cache.
+  assert sizes['MLA'][1] < sizes['S'][1] < 2 * sizes['MLA'][1] and sizes['B'] == sizes['A']
   assert list(decode.stacks(['G', 'M'])) == ['G (6 heads, 64 x 64)', 'M (12 heads, state 128)']
