@@ -363,3 +363,20 @@ def test_llada_conditional_likelihood_is_exact_on_the_exact_conditionals():
     runs = [diffusion_likelihood.conditional_nll(denoise, [2], response, mask_id=MASK,
                                                  samples=50, seed=s).nll for s in range(40)]
     assert 0.5 < np.var(runs, ddof=1) / (est.variance / 50) < 2.0
+
+
+def test_the_diffusion_vs_ar_sweep_plans_equal_compute_runs():
+  """One network, three objectives: equal parameters; block diffusion's FLOPs per token are
+  more than twice the others' (rows [x_noisy, x]), so equal compute means fewer tokens."""
+  from experiments import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  sweep, module = sweep_lib.load_sweep('configs/sweeps/diffusion_vs_ar.py:preset=quick')
+  assert sweep.baseline == 'ar' and sorted(sweep.architectures) == sorted(module.ARCHITECTURES)
+  sizes = {}
+  for name in ('ar', 'masked_diffusion', 'block_diffusion_4'):
+    overrides = sweep_lib.size_overrides(module, name, 32, sweep)
+    sizes[name] = sweep_lib.model_size(module, name, overrides, sweep.seq_len)
+  assert sizes['ar'][0] == sizes['masked_diffusion'][0] == sizes['block_diffusion_4'][0]
+  assert sizes['ar'][2] == sizes['masked_diffusion'][2] < sizes['block_diffusion_4'][2] / 2
+  cmd = sweep_lib.command(module, sweep, 'block_diffusion_4', overrides, 3e10,
+                          sizes['block_diffusion_4'][2], 0, '/tmp/unused')
+  assert '--config.model.diffusion_block=4' in cmd and '--config.objective.block_size=4' in cmd
