@@ -92,6 +92,10 @@ FAMILIES = {
     'deltanet_hybrid': ('deltanet_hybrid_tiny', {'model.pattern': 'GFAF'}),
     'mamba2_hybrid': ('mamba2_hybrid_tiny', {'model.pattern': 'MFAF',
                                              'model.mamba': dict(head_dim=8, state_dim=8)}),
+    # Text diffusion (models/diffusion.py): masked diffusion's noising and stratified t, and
+    # block diffusion's rows [x_noisy, x] under its mask, sharded like any training step.
+    'mdlm': ('mdlm_tiny', {'model.pattern': 'AFAF'}),
+    'bd3lm': ('bd3lm_tiny', {'model.pattern': 'AFAF'}),
 }
 # deepseek_v3 with dropless dispatch (sort + ragged_dot) instead of the preset's capacity.
 FAMILIES['deepseek_v3_dropless'] = ('deepseek_v3_tiny', dict(
