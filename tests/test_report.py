@@ -240,3 +240,22 @@ def test_attention_ratio_plot_and_table_from_a_synthetic_sweep(tmp_path):
                              [[3.30, 3.36], [2.95, 3.05], [3.00, 3.04]])
   # A sweep without the fraction maps has no such section.
   assert report.attention_ratio(report.load(write_sweep(tmp_path / 'plain', [1e18]))) == []
+
+
+def test_diffusion_nelbos_are_reported_as_upper_bounds(tmp_path):
+  """A run whose summary.json marks its bits per byte as an upper bound (a diffusion NELBO)
+  is named so in fits.json and report.md; exact-likelihood runs are not."""
+  sweep_dir = write_sweep(tmp_path, np.logspace(18, 22, 3))
+  for name in os.listdir(os.path.join(sweep_dir, 'runs')):
+    if name.startswith('better'):
+      path = os.path.join(sweep_dir, 'runs', name, 'summary.json')
+      with open(path) as f:
+        summary = json.load(f)
+      summary['final_eval_bits_per_byte_is_upper_bound'] = True
+      with open(path, 'w') as f:
+        json.dump(summary, f)
+  result = report.write_report(sweep_dir, n_bootstrap=10)
+  assert result['upper_bound_architectures'] == ['better']
+  with open(os.path.join(sweep_dir, 'report.md')) as f:
+    text = f.read()
+  assert '- Upper bounds: the losses of `better` are NELBOs' in text
