@@ -235,9 +235,16 @@ def attend(cfg, q_BTNH, k_BSKH, v_BSKH, *, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_B
   """
   causal = not cfg.bidirectional
   if cfg.diffusion_block and blocked:  # block diffusion's training rows [x_noisy, x]
+    impl = resolve_impl(cfg, (q_BTNH.shape[-1], v_BSKH.shape[-1]))
+    if impl == 'flash':  # the noisy half marked by negated segment ids (flash's convention)
+      noisy_1T = (jnp.arange(q_seg_BT.shape[1]) < q_seg_BT.shape[1] // 2)[None]
+      signed_BT = jnp.where(noisy_1T, -q_seg_BT, q_seg_BT)
+      block = cfg.attention.causal_block or q_BTNH.shape[1]
+      return flash.attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT=q_pos_BT, q_seg_BT=signed_BT,
+                             k_pos_BS=k_pos_BS, k_seg_BS=signed_BT, scale=scale, causal=False,
+                             sinks_N=sinks_N, block=block, diffusion_block=cfg.diffusion_block)
     mask_BTS = block_diffusion_mask(q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS,
                                     block=cfg.diffusion_block)
-    impl = resolve_impl(cfg, (q_BTNH.shape[-1], v_BSKH.shape[-1]))
     fn = dot_attention if impl == 'xla' else functools.partial(
         library_attention, implementation='cudnn' if impl == 'cudnn' else None)
     return fn(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, sinks_N=sinks_N)
@@ -345,9 +352,6 @@ def validate_shared(cfg, cls, head_dims: tuple[int, ...]) -> None:
     if problem:
       raise errors.ConfigError(f'model.attention.impl={a.impl!r} cannot serve this model: {problem}; '
                        f"use 'xla' or 'auto'")
-  if a.impl == 'flash' and cfg.get('diffusion_block', 0):
-    raise errors.ConfigError("model.attention.impl='flash' has no block-diffusion mask yet "
-                             '(model.diffusion_block > 0); use \'xla\' or \'auto\'')
   if a.causal_block < 0:
     raise errors.ConfigError(f'model.attention.causal_block={a.causal_block} must be >= 0')
   if a.window < 0 or (cls.windowed and a.window == 0):
