@@ -318,7 +318,7 @@ def test_block_diffusion_sampling_cache_is_exact(bd3_params):
   _, _, cache = apply(x_BT[:, :4], pos_BT[:, :4], seg_BT[:, :4], lm.init_cache(cfg, 2, 12))
   cached_BTV = apply(z_BT[:, 4:8], pos_BT[:, 4:8], seg_BT[:, 4:8], cache)[0]
   np.testing.assert_allclose(cached_BTV, train_BTV, atol=2e-5, rtol=1e-5)
-  spec = diffusion_sampling.Spec(name='low_confidence', steps=2)
+  spec = diffusion_sampling.Spec(name='low_confidence', steps=4)  # 2 for each of 2 blocks
   out = diffusion_sampling.generate(model, params, [[257, 1, 2, 3, 4, 5]] * 2, gen_len=6,
                                     spec=spec, mask_id=259, seed=0)
   assert np.array(out.tokens).shape == (2, 6) and not np.any(np.array(out.tokens) == 259)

@@ -65,3 +65,27 @@ def test_adaptation_changes_only_the_mask(causal_run):
   config.init_from = 'nowhere:/x'
   with pytest.raises(errors.ConfigError, match=r'neither hf:/checkpoint_dir nor run:/workdir'):
     init_from.prepare(config)
+
+
+def test_a_block_diffusion_run_from_the_causal_run_samples_with_the_command(causal_run,
+                                                                            tmp_path):
+  """Adaptation into block diffusion (L' = 4) trains; `experiments.sample` reads the run back
+  and samples it block by block with its cache."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  config = tiny('bd3lm_tiny', 10, 10)
+  config.model.update(dict(norm='rmsnorm', mlp_activation='swiglu', mlp_dim=64))  # llama's
+  config.init_from = f'run:{causal_run}'
+  summary = loop.train_and_evaluate(config, str(tmp_path / 'bd3'))
+  assert summary['objective'] == 'block_diffusion' and summary['final_eval_bits_per_byte'] > 0
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / 'samples.jsonl'
+  cmd = [sys.executable, '-m', 'experiments.sample', f'--workdir={tmp_path / "bd3"}',
+         '--prompt=def', '--max_new_tokens=12', '--steps=6', '--sampler=confidence_threshold',
+         f'--output={out}']
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  row = json.loads(out.read_text())
+  # Prompt 'def' after BOS: 4 tokens, one block; 12 new tokens fill 3 more blocks.
+  assert 0 < len(row['tokens']) <= 12 and row['model_evals'] >= 3 + 4

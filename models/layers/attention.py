@@ -87,10 +87,11 @@ def block_diffusion_mask(q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, *, block: int):
   """BD3-LM's mask over a training row [x_noisy, x] (two halves of T/2 tokens with the same
   positions and segments): a noisy token sees the noisy tokens of its own block
   (bidirectionally) and the clean tokens of earlier blocks; a clean token sees the clean
-  tokens of its own and earlier blocks. Blocks are `block` positions of a segment.
+  tokens of its own and earlier blocks. Blocks are `block` positions of a segment. (A row of
+  odd length, as shape inference passes, has one token fewer in its noisy half.)
   """
   t, s = q_pos_BT.shape[1], k_pos_BS.shape[1]
-  assert t == s and t % 2 == 0, f'block diffusion rows are [x_noisy, x], got {t} x {s}'
+  assert t == s, f'block diffusion rows attend to themselves, got {t} queries and {s} keys'
   noisy_T = jnp.arange(t) < t // 2
   q_noisy_1T1, k_noisy_11S = noisy_T[None, :, None], noisy_T[None, None, :]
   ahead_BTS = q_pos_BT[:, :, None] // block - k_pos_BS[:, None, :] // block  # q block - k block
