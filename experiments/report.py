@@ -700,7 +700,9 @@ def plot_isoflop(arch: str, points: list[dict], fit: scaling.IsoflopFit, unit: s
     ax.plot([n_opt.value], [vertex.loss_opt], '*', color=color, markersize=14, markeredgecolor='k')
     if n_opt.low is not None:
       ax.errorbar([n_opt.value], [vertex.loss_opt], color=color, capsize=3,
-                  xerr=[[n_opt.value - n_opt.low], [n_opt.high - n_opt.value]])
+                  # A percentile interval may miss the point estimate (a vertex at the ladder's
+                  # edge); matplotlib refuses negative error bars, so they are clipped at 0.
+                  xerr=[[max(0.0, n_opt.value - n_opt.low)], [max(0.0, n_opt.high - n_opt.value)]])
   ax.set_xscale('log')
   if points:  # the runs set the view; an interval reaching far beyond them runs off the edge
     sizes = [p['N'] for p in points]
@@ -746,7 +748,8 @@ def plot_allocation(fits: dict[str, ArchitectureFits]):
         value = np.array([e.value for e in est])
         low = np.array([e.value if e.low is None else e.low for e in est])
         high = np.array([e.value if e.high is None else e.high for e in est])
-        ax.errorbar(C, value, yerr=[value - low, high - value], fmt='o', color=color, capsize=3)
+        ax.errorbar(C, value, yerr=[np.maximum(0, value - low), np.maximum(0, high - value)],
+                    fmt='o', color=color, capsize=3)
       s = iso.scaling
       if isinstance(s, scaling.Unfittable):
         ax.plot([], [], 'o', color=color, label=f'{arch} approach 2: cannot fit')
