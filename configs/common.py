@@ -138,7 +138,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.peak_flops = 0.0        # per device; 0 measures the fp32 matmul peak at start-up
   # `name` and every objective's fields (models/objectives.py): next_token's z_loss, ...
   config.objective = objectives.objective_defaults()
-  config.init_from = ''          # hf:/dir: start from a Hugging Face checkpoint (models/hf)
+  config.init_from = ''          # hf:/dir (a Hugging Face checkpoint) or run:/workdir (an archlab
+                                 # run): start from its parameters (trainer/init_from.py)
   return config
 
 

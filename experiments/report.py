@@ -113,7 +113,9 @@ def load(sweep_dir: str, loss: str = 'bits_per_byte') -> Sweep:
         summary = json.load(f)
       point = {'name': run['name'], 'N': float(summary['params']),
                'D': float(summary['tokens']), 'C': float(summary['flops']),
-               'loss': float(summary[field]), 'budget': float(run['budget'])}
+               'loss': float(summary[field]), 'budget': float(run['budget']),
+               # A diffusion run's bits per byte are its NELBO, an upper bound on the NLL.
+               'upper_bound': bool(summary.get('final_eval_bits_per_byte_is_upper_bound'))}
     except (ValueError, KeyError, TypeError) as e:
       excluded.append((run['name'], f'unreadable summary.json ({type(e).__name__}: {e})'))
       continue
@@ -260,6 +262,12 @@ def undetermined(fit: scaling.ParametricFit | scaling.Unfittable) -> list[str]:
   return loose
 
 
+def upper_bound_architectures(sweep: Sweep) -> list[str]:
+  """Architectures whose finished runs report a bound (the diffusion NELBO), not the NLL."""
+  return sorted(a for a, points in sweep.points.items() if any(p.get('upper_bound')
+                                                              for p in points))
+
+
 def baseline_of(sweep: Sweep) -> str:
   return sweep.config.get('baseline') or _architectures(sweep)[0]
 
@@ -308,6 +316,7 @@ def write_report(sweep_dir: str, loss: str = 'bits_per_byte', n_bootstrap: int =
       'runs': {s: sum(r['state'] == s for r in sweep.runs)
                for s in ('finished', 'failed', 'pending')},
       'excluded_runs': [{'name': n, 'reason': r} for n, r in sweep.excluded],
+      'upper_bound_architectures': upper_bound_architectures(sweep),
       'architectures': {arch: {'runs': sweep.points[arch], 'isoflop': f.isoflop.to_dict(),
                                'parametric': f.parametric.to_dict(),
                                'parametric_undetermined': undetermined(f.parametric),
@@ -569,6 +578,11 @@ def markdown(sweep: Sweep, fits: dict[str, ArchitectureFits], mults: dict, level
           f'{len(counts["failed"])} failed, {len(counts["pending"])} pending.']
   out += [f'  - failed `{r["name"]}`: {r.get("error", "(no error recorded)")}'
           for r in counts['failed']]
+  bounds = upper_bound_architectures(sweep)
+  if bounds:
+    out += [f'- Upper bounds: the losses of {", ".join(f"`{a}`" for a in bounds)} are NELBOs '
+            '(text diffusion), upper bounds on the NLL, so their fits and compute multipliers '
+            'are pessimistic for them.']
   out += [f'  - left out `{name}`: {reason}' for name, reason in sweep.excluded]
   out += ['']
 
@@ -728,7 +742,9 @@ def plot_isoflop(arch: str, points: list[dict], fit: scaling.IsoflopFit, unit: s
     ax.plot([n_opt.value], [vertex.loss_opt], '*', color=color, markersize=14, markeredgecolor='k')
     if n_opt.low is not None:
       ax.errorbar([n_opt.value], [vertex.loss_opt], color=color, capsize=3,
-                  xerr=[[n_opt.value - n_opt.low], [n_opt.high - n_opt.value]])
+                  # A percentile interval may miss the point estimate (a vertex at the ladder's
+                  # edge); matplotlib refuses negative error bars, so they are clipped at 0.
+                  xerr=[[max(0.0, n_opt.value - n_opt.low)], [max(0.0, n_opt.high - n_opt.value)]])
   ax.set_xscale('log')
   if points:  # the runs set the view; an interval reaching far beyond them runs off the edge
     sizes = [p['N'] for p in points]
@@ -774,7 +790,8 @@ def plot_allocation(fits: dict[str, ArchitectureFits]):
         value = np.array([e.value for e in est])
         low = np.array([e.value if e.low is None else e.low for e in est])
         high = np.array([e.value if e.high is None else e.high for e in est])
-        ax.errorbar(C, value, yerr=[value - low, high - value], fmt='o', color=color, capsize=3)
+        ax.errorbar(C, value, yerr=[np.maximum(0, value - low), np.maximum(0, high - value)],
+                    fmt='o', color=color, capsize=3)
       s = iso.scaling
       if isinstance(s, scaling.Unfittable):
         ax.plot([], [], 'o', color=color, label=f'{arch} approach 2: cannot fit')

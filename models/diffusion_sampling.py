@@ -19,6 +19,7 @@ an unmasked token stays as it is. Samplers (`Spec.name`):
   confidence_threshold  parallel unmasking (Fast-dLLM): each step reveals every MASK whose
                         confidence reaches `threshold`, and at least the most confident one;
                         `steps` is not used (the step count is what it takes).
+Remasking samplers take no more steps than a block has MASKs.
 
 `block_length` > 0 makes any of them semi-autoregressive (LLaDA): the generated span is cut into
 blocks of that many tokens, sampled left to right, `steps` split evenly over the blocks.
@@ -28,7 +29,8 @@ with an exact KV cache of the clean prefix: the prompt's blocks and every finish
 written to the attention caches one block per call (each sees the cache and itself:
 block-causal, as the clean half of training sees it), and the current block is denoised by
 calls that read the cache without writing it (the noisy block sees the clean prefix and itself,
-BD3-LM's mask). One extra evaluation per block writes it. The inner sampler is any of the above.
+BD3-LM's mask). One extra evaluation per block writes it. The inner sampler is any of the
+above, with `steps` split evenly over the blocks that hold MASKs.
 
 Token draws use Gumbel noise in float64 on the host (numpy: JAX runs float32 here), argmax of
 log p / temperature + Gumbel (temperature 0: the argmax). Each run reports the number of model
@@ -148,8 +150,11 @@ def _sample_span(denoise, z_BT, active_BT, spec: Spec, steps: int, mask_id: int,
       reveal_BT = masked_BT & ((conf_BT >= spec.threshold) | first_BT)
       z_BT = np.where(reveal_BT, tokens_BT, z_BT)
     return z_BT
-  # low_confidence / random_order: k_i tokens kept at step i, the rest remasked.
-  counts_BO = split_evenly(np.sum((z_BT == mask_id) & active_BT, -1), steps)
+  # low_confidence / random_order: k_i tokens kept at step i, the rest remasked (no more
+  # steps than MASKs: a step that keeps nothing would be an evaluation wasted).
+  masked_B = np.sum((z_BT == mask_id) & active_BT, -1)
+  steps = max(1, min(steps, int(masked_B.max())))
+  counts_BO = split_evenly(masked_B, steps)
   for i in range(steps):
     masked_BT = (z_BT == mask_id) & active_BT
     tokens_BT, conf_BT = draw(rng, log_probs(denoise(z_BT), mask_id), spec.temperature)
@@ -235,25 +240,29 @@ def sample_block_diffusion(model, variables, prompts: Sequence[Sequence[int]], *
   if spec.block_length not in (0, block):
     raise errors.ConfigError(f'--block_length={spec.block_length}: a block diffusion model '
                              f'samples its own blocks (model.diffusion_block={block})')
-  spec = dataclasses.replace(spec, block_length=0)
   rows, prompt_len = len(prompts), len(prompts[0])
   total = prompt_len + gen_len
+  # `steps` covers the generated span: split over the blocks that hold MASKs.
+  masked_blocks = (total - 1) // block - prompt_len // block + 1
+  spec = dataclasses.replace(spec, block_length=0, steps=max(1, spec.steps // masked_blocks))
   canvas_BT = np.concatenate([np.asarray(prompts, np.int32),
                               np.full((rows, gen_len), mask_id, np.int32)], 1)
   apply = jax.jit(lambda v, z, p, s, c: model.apply(v, z, positions_BT=p, segment_ids_BT=s,
                                                     cache=c))
   cache = lm.init_cache(cfg, rows, total)
   rng_seed = np.random.SeedSequence(seed)
-  evals, seconds = 0, 0.0
+  evals, seconds, compiled = 0, 0.0, set()
   for start in range(0, total, block):
     end = min(start + block, total)
     pos_BT = np.broadcast_to(np.arange(start, end, dtype=np.int32), (rows, end - start))
     seg_BT = np.ones_like(pos_BT)
     z_BT = canvas_BT[:, start:end]
+    if z_BT.shape not in compiled:  # compile outside the timing (once per block shape)
+      jax.block_until_ready(apply(variables, jnp.asarray(z_BT), pos_BT, seg_BT, cache))
+      compiled.add(z_BT.shape)
     if (z_BT == mask_id).any():
       def denoise(z, pos_BT=pos_BT, seg_BT=seg_BT, cache=cache):
         return np.asarray(apply(variables, jnp.asarray(z, jnp.int32), pos_BT, seg_BT, cache)[0])
-      denoise(z_BT)  # compile outside the timing (a no-op after the first block's shape)
       tick = time.perf_counter()
       z_BT, calls = sample_canvas(denoise, z_BT, spec=spec, mask_id=mask_id,
                                   seed=int(rng_seed.spawn(1)[0].generate_state(1)[0]))

@@ -130,15 +130,15 @@ def build_step(config, devices):
   import models  # pylint: disable=g-import-not-at-top
   from input_pipeline import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   from models import objectives  # pylint: disable=g-import-not-at-top
-  from models.hf import init_from as hf_init_from  # pylint: disable=g-import-not-at-top
   from sharding import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from sharding import rules as rules_lib  # pylint: disable=g-import-not-at-top
   from trainer import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from trainer import init_from as init_from_lib  # pylint: disable=g-import-not-at-top
   from trainer import step as step_lib  # pylint: disable=g-import-not-at-top
 
   config = ml_collections.ConfigDict(config.to_dict())
   if config.get('init_from'):
-    hf_init_from.prepare(config)
+    init_from_lib.prepare(config)
   t = config.train
   if t.batch_size <= 0 or t.batch_size % t.grad_accum:
     raise PlanError(f'train.batch_size={t.batch_size} must be a positive multiple of '

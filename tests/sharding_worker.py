@@ -100,8 +100,9 @@ FAMILIES = {
                                     v_head_dim=8),
         'model.dsa': dict(index_heads=4, index_head_dim=8, index_rope_dim=4, topk=6, block=8)}),
     'moba': ('moba_tiny', {'model.pattern': 'BFBF', 'model.moba': dict(block=4, topk=1)}),
-    # Text diffusion: masked (bidirectional) and block diffusion (two passes in one row).
-    'llada': ('llada_tiny', {'model.pattern': 'AFAF'}),
+    # Text diffusion (models/diffusion.py): masked diffusion's noising and stratified t, and
+    # block diffusion's rows [x_noisy, x] under its mask, sharded like any training step.
+    'mdlm': ('mdlm_tiny', {'model.pattern': 'AFAF'}),
     'bd3lm': ('bd3lm_tiny', {'model.pattern': 'AFAF'}),
 }
 # deepseek_v3 with dropless dispatch (sort + ragged_dot) instead of the preset's capacity.

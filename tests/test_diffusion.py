@@ -318,7 +318,7 @@ def test_block_diffusion_sampling_cache_is_exact(bd3_params):
   _, _, cache = apply(x_BT[:, :4], pos_BT[:, :4], seg_BT[:, :4], lm.init_cache(cfg, 2, 12))
   cached_BTV = apply(z_BT[:, 4:8], pos_BT[:, 4:8], seg_BT[:, 4:8], cache)[0]
   np.testing.assert_allclose(cached_BTV, train_BTV, atol=2e-5, rtol=1e-5)
-  spec = diffusion_sampling.Spec(name='low_confidence', steps=2)
+  spec = diffusion_sampling.Spec(name='low_confidence', steps=4)  # 2 for each of 2 blocks
   out = diffusion_sampling.generate(model, params, [[257, 1, 2, 3, 4, 5]] * 2, gen_len=6,
                                     spec=spec, mask_id=259, seed=0)
   assert np.array(out.tokens).shape == (2, 6) and not np.any(np.array(out.tokens) == 259)
@@ -363,3 +363,42 @@ def test_llada_conditional_likelihood_is_exact_on_the_exact_conditionals():
     runs = [diffusion_likelihood.conditional_nll(denoise, [2], response, mask_id=MASK,
                                                  samples=50, seed=s).nll for s in range(40)]
     assert 0.5 < np.var(runs, ddof=1) / (est.variance / 50) < 2.0
+
+
+def test_the_diffusion_vs_ar_sweep_plans_equal_compute_runs():
+  """One network, three objectives: equal parameters; block diffusion's FLOPs per token are
+  more than twice the others' (rows [x_noisy, x]), so equal compute means fewer tokens."""
+  from experiments import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  sweep, module = sweep_lib.load_sweep('configs/sweeps/diffusion_vs_ar.py:preset=quick')
+  assert sweep.baseline == 'ar' and sorted(sweep.architectures) == sorted(module.ARCHITECTURES)
+  sizes = {}
+  for name in ('ar', 'masked_diffusion', 'block_diffusion_4'):
+    overrides = sweep_lib.size_overrides(module, name, 32, sweep)
+    sizes[name] = sweep_lib.model_size(module, name, overrides, sweep.seq_len)
+  assert sizes['ar'][0] == sizes['masked_diffusion'][0] == sizes['block_diffusion_4'][0]
+  assert sizes['ar'][2] == sizes['masked_diffusion'][2] < sizes['block_diffusion_4'][2] / 2
+  cmd = sweep_lib.command(module, sweep, 'block_diffusion_4', overrides, 3e10,
+                          sizes['block_diffusion_4'][2], 0, '/tmp/unused')
+  assert '--config.model.diffusion_block=4' in cmd and '--config.objective.block_size=4' in cmd
+
+
+def test_block_diffusion_flash_equals_the_dense_mask(bd3_params):
+  """`attention.impl='flash'` (blocks of 4 over rows of 2 x 10, two documents) gives the dense
+  reference's logits and gradients for block diffusion's rows [x_noisy, x]."""
+  x_BT = jax.random.randint(jax.random.key(3), (2, 10), 0, 256)
+  z_BT = jnp.where(jax.random.uniform(jax.random.key(4), x_BT.shape) < 0.5, 259, x_BT)
+  pos_T, seg_T = jnp.array([0, 1, 2, 3, 4, 5, 0, 1, 2, 3]), jnp.array([1] * 6 + [2] * 4)
+  both = lambda a, b: jnp.broadcast_to(jnp.concatenate([a, b], -1), (2, 20))  # noqa: E731
+  rows, pos, seg = jnp.concatenate([z_BT, x_BT], 1), both(pos_T, pos_T), both(seg_T, seg_T)
+  outs = []
+  for impl in ('xla', 'flash'):
+    model = models.build(tiny_model_config('bd3lm_tiny', diffusion_block=2, d_model=32,
+                                           num_heads=2, num_kv_heads=2, pattern='AF', mlp_dim=64,
+                                           vocab_size=260, scan_layers=False,
+                                           **{'attention.impl': impl, 'attention.causal_block': 4}))
+    f = lambda p, m=model: jnp.sum(jnp.sin(m.apply(p, rows, positions_BT=pos,  # noqa: E731
+                                                   segment_ids_BT=seg)[0]))
+    outs.append(jax.jit(jax.value_and_grad(f))(bd3_params))
+  np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(outs[1][1]), jax.tree.leaves(outs[0][1])):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)

@@ -267,3 +267,22 @@ def test_a_committed_result_refits_from_its_fits_json(tmp_path):
     report.load_any(str(tmp_path))
   with pytest.raises(report.ReportError, match=r"records loss='bits_per_byte', not 'nats'"):
     report.load_any(committed, 'nats')
+
+
+def test_diffusion_nelbos_are_reported_as_upper_bounds(tmp_path):
+  """A run whose summary.json marks its bits per byte as an upper bound (a diffusion NELBO)
+  is named so in fits.json and report.md; exact-likelihood runs are not."""
+  sweep_dir = write_sweep(tmp_path, np.logspace(18, 22, 3))
+  for name in os.listdir(os.path.join(sweep_dir, 'runs')):
+    if name.startswith('better'):
+      path = os.path.join(sweep_dir, 'runs', name, 'summary.json')
+      with open(path) as f:
+        summary = json.load(f)
+      summary['final_eval_bits_per_byte_is_upper_bound'] = True
+      with open(path, 'w') as f:
+        json.dump(summary, f)
+  result = report.write_report(sweep_dir, n_bootstrap=10)
+  assert result['upper_bound_architectures'] == ['better']
+  with open(os.path.join(sweep_dir, 'report.md')) as f:
+    text = f.read()
+  assert '- Upper bounds: the losses of `better` are NELBOs' in text

@@ -33,12 +33,15 @@ FULL = os.environ.get('ARCHLAB_SHARDING_QUICK') != '1'
 # The attention-ratio hybrids hold the parameters of qwen3_next's G and nemotron_h's M (which
 # run under every preset) with llama's attention: fsdp_tp (heads on `tensor`) alone.
 TP_ONLY = ('deltanet_hybrid', 'mamba2_hybrid')
-# Sparse attention and diffusion presets reuse the parameters of the families above (MLA and
-# its MoE, llama's attention): under fsdp_tp, the layout that moves most, and fsdp_ep for DSA.
-TP_ONLY += ('deepseek_v32', 'moba', 'llada', 'bd3lm')
+# Sparse attention reuses the parameters of the families above (MLA and its MoE, llama's
+# attention): under fsdp_tp, the layout that moves most, and fsdp_ep for DSA's MoE.
+TP_ONLY += ('deepseek_v32', 'moba')
+# The diffusion objectives on llama-like backbones: the batch over fsdp, and fsdp_tp.
+DIFFUSION = ('mdlm', 'bd3lm')
 CASES = [(f, p) for f in FAMILIES for p in sorted(sharding_worker.MESHES)
-         if (FULL and f not in TP_ONLY) or f in ('llama', 'deepseek_v3') or (
-             f in MOE and p == 'fsdp_ep') or (p == 'fsdp_tp' and f != 'deepseek_v3_dropless')]
+         if (FULL and f not in TP_ONLY + DIFFUSION) or f in ('llama', 'deepseek_v3') or (
+             f in MOE and p == 'fsdp_ep') or (p == 'fsdp_tp' and f != 'deepseek_v3_dropless')
+         or (f in DIFFUSION and p == 'fsdp')]
 
 
 @pytest.fixture(scope='module')

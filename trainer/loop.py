@@ -22,11 +22,11 @@ import input_pipeline
 import models
 from models import lm
 from models import objectives
-from models.hf import init_from as hf_init_from
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
 from trainer import checkpoint
 from trainer import flops as flops_lib
+from trainer import init_from as init_from_lib
 from trainer import metrics as metrics_lib
 from trainer import preemption
 from trainer import records
@@ -78,7 +78,7 @@ def setup(config, workdir: str | None, devices=None) -> Run:
   """
   config = ml_collections.ConfigDict(config.to_dict())
   if config.get('init_from'):  # checks the model against the checkpoint, takes its tokenizer
-    hf_init_from.prepare(config)
+    init_from_lib.prepare(config)
   mesh_lib.maybe_initialize_distributed()
   t = config.train
   if t.batch_size <= 0 or t.batch_size % t.grad_accum:

@@ -1,5 +1,5 @@
 """A run's state at its first step: restored from the workdir's latest checkpoint, or fresh
-(random, or a Hugging Face checkpoint's parameters with `init_from`)."""
+(random, or another model's parameters with `init_from`: trainer/init_from.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import flax.linen as nn
 import jax
 
 from models import schema
-from models.hf import init_from as hf_init_from
 from trainer import checkpoint
+from trainer import init_from as init_from_lib
 
 
 def saved_model_config(model_config) -> dict:
@@ -42,7 +42,7 @@ def create_or_restore(run, workdir: str):
     else:
       state = run.fns.init_state(jax.random.key(t.seed))
       if run.config.get('init_from'):
-        state['params'] = jax.device_put(hf_init_from.load_params(run.config),
+        state['params'] = jax.device_put(init_from_lib.load_params(run.config),
                                          run.fns.state_sharding['params'])
   return state, mngr, latest
 

@@ -232,10 +232,11 @@ def model_config(fields: dict, runtime_from=None):
   return cfg
 
 
-def architecture_diff(ours, theirs) -> list[tuple[str, Any, Any]]:
+def architecture_diff(ours, theirs, skip=()) -> list[tuple[str, Any, Any]]:
   """(field, ours, theirs) for each model field that changes the function or the parameters:
-  `models.schema.diff` without the fields interop ignores (`schema.interop_ignored_fields`)."""
-  return schema.diff(ours, theirs, skip=schema.interop_ignored_fields())
+  `models.schema.diff` without the fields interop ignores (`schema.interop_ignored_fields`)
+  and those in `skip`."""
+  return schema.diff(ours, theirs, skip=tuple(schema.interop_ignored_fields()) + tuple(skip))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,8 +25,9 @@ def checkpoint_path(init_from: str) -> str:
   return init_from[len(SCHEME):]
 
 
-def prepare(config):
+def prepare(config, skip=()):
   """Checks `config.model` against the checkpoint and points the data at its tokenizer.
+  Fields in `skip` may differ (an adaptation's: trainer/init_from.py).
 
   Changes `config` in place (the trainer passes its own copy) and returns it.
   """
@@ -35,7 +36,7 @@ def prepare(config):
   if not config.model.vocab_size:
     config.model.vocab_size = fields['vocab_size']
   theirs = family_lib.model_config(fields, runtime_from=config.model)
-  diffs = family_lib.architecture_diff(config.model, theirs)
+  diffs = family_lib.architecture_diff(config.model, theirs, skip=skip)
   if diffs:
     shown = '; '.join(f'model.{k}={a!r} but the checkpoint has {b!r}' for k, a, b in diffs[:3])
     more = f' (and {len(diffs) - 3} more)' if len(diffs) > 3 else ''
@@ -49,10 +50,10 @@ def prepare(config):
   return config
 
 
-def load_params(config):
+def load_params(config, skip=()):
   """The checkpoint's parameters (numpy) laid out for `config.model`."""
   imported, params = interop.import_hf(checkpoint_path(config.init_from), config)
-  diffs = family_lib.architecture_diff(config.model, imported.model)
+  diffs = family_lib.architecture_diff(config.model, imported.model, skip=skip)
   assert not diffs, diffs  # prepare() checked this before the data and model were built
   logging.info('init_from: parameters from %s', config.init_from)
   return params

@@ -87,10 +87,11 @@ def block_diffusion_mask(q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, *, block: int):
   """BD3-LM's mask over a training row [x_noisy, x] (two halves of T/2 tokens with the same
   positions and segments): a noisy token sees the noisy tokens of its own block
   (bidirectionally) and the clean tokens of earlier blocks; a clean token sees the clean
-  tokens of its own and earlier blocks. Blocks are `block` positions of a segment.
+  tokens of its own and earlier blocks. Blocks are `block` positions of a segment. (A row of
+  odd length, as shape inference passes, has one token fewer in its noisy half.)
   """
   t, s = q_pos_BT.shape[1], k_pos_BS.shape[1]
-  assert t == s and t % 2 == 0, f'block diffusion rows are [x_noisy, x], got {t} x {s}'
+  assert t == s, f'block diffusion rows attend to themselves, got {t} queries and {s} keys'
   noisy_T = jnp.arange(t) < t // 2
   q_noisy_1T1, k_noisy_11S = noisy_T[None, :, None], noisy_T[None, None, :]
   ahead_BTS = q_pos_BT[:, :, None] // block - k_pos_BS[:, None, :] // block  # q block - k block
@@ -235,9 +236,16 @@ def attend(cfg, q_BTNH, k_BSKH, v_BSKH, *, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_B
   """
   causal = not cfg.bidirectional
   if cfg.diffusion_block and blocked:  # block diffusion's training rows [x_noisy, x]
+    impl = resolve_impl(cfg, (q_BTNH.shape[-1], v_BSKH.shape[-1]))
+    if impl == 'flash':  # the noisy half marked by negated segment ids (flash's convention)
+      noisy_1T = (jnp.arange(q_seg_BT.shape[1]) < q_seg_BT.shape[1] // 2)[None]
+      signed_BT = jnp.where(noisy_1T, -q_seg_BT, q_seg_BT)
+      block = cfg.attention.causal_block or q_BTNH.shape[1]
+      return flash.attention(q_BTNH, k_BSKH, v_BSKH, q_pos_BT=q_pos_BT, q_seg_BT=signed_BT,
+                             k_pos_BS=k_pos_BS, k_seg_BS=signed_BT, scale=scale, causal=False,
+                             sinks_N=sinks_N, block=block, diffusion_block=cfg.diffusion_block)
     mask_BTS = block_diffusion_mask(q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS,
                                     block=cfg.diffusion_block)
-    impl = resolve_impl(cfg, (q_BTNH.shape[-1], v_BSKH.shape[-1]))
     fn = dot_attention if impl == 'xla' else functools.partial(
         library_attention, implementation='cudnn' if impl == 'cudnn' else None)
     return fn(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, sinks_N=sinks_N)
@@ -345,9 +353,6 @@ def validate_shared(cfg, cls, head_dims: tuple[int, ...]) -> None:
     if problem:
       raise errors.ConfigError(f'model.attention.impl={a.impl!r} cannot serve this model: {problem}; '
                        f"use 'xla' or 'auto'")
-  if a.impl == 'flash' and cfg.get('diffusion_block', 0):
-    raise errors.ConfigError("model.attention.impl='flash' has no block-diffusion mask yet "
-                             '(model.diffusion_block > 0); use \'xla\' or \'auto\'')
   if a.causal_block < 0:
     raise errors.ConfigError(f'model.attention.causal_block={a.causal_block} must be >= 0')
   if a.window < 0 or (cls.windowed and a.window == 0):

@@ -14,6 +14,11 @@ position, window), built per block from positions and segment ids. With `skip=Tr
 within a segment) the loops also skip the key blocks that lie after a query block, or
 `window` or more rows before it, which the mask would hide entirely.
 
+Block diffusion (`diffusion_block` = C > 0, rows [x_noisy, x]): the caller marks the noisy
+half by negating its segment ids, and each block's mask is BD3-LM's
+(`attention.block_diffusion_mask`) from positions // C and those signs; every key block is
+visited (skipping the hidden ones of this mask is not done yet).
+
 Sinks (GPT-OSS) start each row's running maximum and denominator at the sink logit and
 exp(0) = 1, so they cost nothing per block. A row with no visible key returns zeros, as the
 reference does. Logits, probabilities and accumulators are float32; the matmul inputs keep
@@ -34,7 +39,7 @@ _EMPTY_LSE = 1e30  # log-partition of a row that sees no key: exp(s - this) = 0
 
 def attention(q_BTNH, k_BSKH, v_BSKH, *, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS, scale: float,
               causal: bool, window: int = 0, sinks_N=None, block: int = 128,
-              skip: bool = False):
+              skip: bool = False, diffusion_block: int = 0):
   """Softmax attention of queries (B, T, N, H) over keys and values (B, S, K, H).
 
   N must be a multiple of K (GQA); values may have another head dim H than queries and keys
@@ -64,8 +69,10 @@ def attention(q_BTNH, k_BSKH, v_BSKH, *, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS,
   k_BKSH = k_BSKH.transpose(0, 2, 1, 3)
   v_BKSH = v_BSKH.transpose(0, 2, 1, 3)
   sinks_KG = None if sinks_N is None else sinks_N.astype(jnp.float32).reshape(k, g)
+  if diffusion_block and (causal or window or skip):
+    raise ValueError('flash attention: diffusion_block needs causal=False, window=0, skip=False')
   static = _Static(scale=float(scale), tq=tq, tk=tk, g=g, causal=causal, window=int(window),
-                   skip=skip)
+                   skip=skip, diffusion_block=int(diffusion_block))
   out_rows = _flash(static, q_rows, k_BKSH, v_BKSH, q_pos_BT.astype(jnp.int32),
                     q_seg_BT.astype(jnp.int32), k_pos_BS.astype(jnp.int32),
                     k_seg_BS.astype(jnp.int32), sinks_KG)
@@ -83,6 +90,7 @@ class _Static(NamedTuple):
   causal: bool
   window: int
   skip: bool   # visit only the key blocks the mask can leave visible (training rows)
+  diffusion_block: int = 0  # BD3-LM's mask with blocks of this many positions (segments < 0: noisy)
 
 
 def _key_range(st: _Static, i, num_k: int):
@@ -114,6 +122,15 @@ def _query_range(st: _Static, j, num_q: int):
 def _block_mask(st: _Static, q_pos_BT, q_seg_BT, k_pos_BS, k_seg_BS):
   """The reference mask of one block (T = st.tq queries, S = st.tk keys), broadcast over kv
   heads and groups."""
+  if st.diffusion_block:
+    c = st.diffusion_block
+    q_noisy_BT1, k_noisy_B1S = (q_seg_BT < 0)[:, :, None], (k_seg_BS < 0)[:, None, :]
+    ahead_BTS = q_pos_BT[:, :, None] // c - k_pos_BS[:, None, :] // c
+    same_BTS = (jnp.abs(q_seg_BT)[:, :, None] == jnp.abs(k_seg_BS)[:, None, :]) & (
+        k_seg_BS[:, None, :] != 0)
+    visible_BTS = jnp.where(q_noisy_BT1, jnp.where(k_noisy_B1S, ahead_BTS == 0, ahead_BTS > 0),
+                            ~k_noisy_B1S & (ahead_BTS >= 0))
+    return (same_BTS & visible_BTS)[:, None, :, None, :]
   mask_BTS = (q_seg_BT[:, :, None] == k_seg_BS[:, None, :]) & (k_seg_BS[:, None, :] != 0)
   distance_BTS = q_pos_BT[:, :, None] - k_pos_BS[:, None, :]
   if st.causal:
