@@ -93,6 +93,12 @@ FAMILIES = {
     'mamba2_hybrid': ('mamba2_hybrid_tiny', {'model.pattern': 'MFAF',
                                              'model.mamba': dict(head_dim=8, state_dim=8)}),
 }
+# The sparse attentions: DSA `S` (its indexer's heads on `tensor` under fsdp_tp) over
+# deepseek_v3's MLA, top 8 of 16 tokens; MoBA `B` with blocks of 4, own + 1 earlier.
+FAMILIES['deepseek_v32'] = ('deepseek_v32_tiny', dict(
+    FAMILIES['deepseek_v3'][1], **{'model.pattern': 'SFSE', 'model.dsa': dict(
+        index_heads=4, index_head_dim=8, index_rope_dim=8, topk=8, block=8)}))
+FAMILIES['moba'] = ('moba_tiny', {'model.pattern': 'BFBF', 'model.moba': dict(block=4, topk=1)})
 # deepseek_v3 with dropless dispatch (sort + ragged_dot) instead of the preset's capacity.
 FAMILIES['deepseek_v3_dropless'] = ('deepseek_v3_tiny', dict(
     FAMILIES['deepseek_v3'][1], **{'model.moe.dispatch': 'dropless'}))

@@ -20,7 +20,7 @@ from trainer import step as step_lib
 pytestmark = pytest.mark.xdist_group('sharding')
 
 FAMILIES = sorted(sharding_worker.FAMILIES)
-MOE = ('gpt_oss', 'deepseek_v3', 'deepseek_v3_dropless', 'qwen3_next')
+MOE = ('gpt_oss', 'deepseek_v3', 'deepseek_v3_dropless', 'deepseek_v32', 'qwen3_next')
 REGENERATE = ('regenerate with `python -m tests.sharding_worker tables --write` and review the '
               'diff of tests/sharding_tables/')
 
