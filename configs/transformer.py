@@ -191,17 +191,19 @@ def deepseek_v3_tiny(config):
 
 def deepseek_v32_tiny(config):
   """DeepSeek V3.2 layout, tiny: deepseek_v3_tiny with every `A` a DSA `S`
-  (models/layers/dsa.py): a lightning indexer of 4 heads of 32 (16 rotated, rotate-half) picks
-  32 keys per query, so selection matters beyond 32 tokens (seq_len 128).
+  (models/layers/dsa.py): a lightning indexer of 8 heads of 32 (16 rotated, rotate-half) picks
+  32 keys per query, so selection matters beyond 32 tokens (seq_len 128). Eight heads, not
+  four: a key scores exactly 0 (a tie) when every head's ReLU is 0, 1/16 of keys with four
+  heads, and ties at the top-k boundary are broken arbitrarily (transformers' differently).
 
-  1.47M parameters (1.44M without the token table) with the byte vocabulary: the indexer
-  adds 12.9K a layer to deepseek_v3_tiny. Two-stage training
+  1.51M parameters (1.47M without the token table) with the byte vocabulary: the indexer
+  adds 21.6K a layer to deepseek_v3_tiny. Two-stage training
   (dense warm-up of the indexer, then sparse): README "Sparse attention".
   """
   deepseek_v3_tiny(config)
   m = config.model
   m.pattern = m.pattern.replace('A', 'S')
-  m.dsa.update(dict(index_heads=4, index_head_dim=32, index_rope_dim=16, topk=32))
+  m.dsa.update(dict(index_heads=8, index_head_dim=32, index_rope_dim=16, topk=32))
 
 
 def moba_tiny(config):

@@ -92,19 +92,17 @@ FAMILIES = {
     'deltanet_hybrid': ('deltanet_hybrid_tiny', {'model.pattern': 'GFAF'}),
     'mamba2_hybrid': ('mamba2_hybrid_tiny', {'model.pattern': 'MFAF',
                                              'model.mamba': dict(head_dim=8, state_dim=8)}),
-    # Sparse attention: DSA over MLA (the indexer's heads on `tensor` with MLA's) and MoBA,
-    # both with selection that matters at 16 tokens.
-    'deepseek_v32': ('deepseek_v32_tiny', {
-        'model.pattern': 'SFSE', 'model.moe.expert_mlp_dim': 32,
-        'model.attention.mla': dict(q_rank=32, kv_rank=16, nope_head_dim=8, rope_head_dim=8,
-                                    v_head_dim=8),
-        'model.dsa': dict(index_heads=4, index_head_dim=8, index_rope_dim=4, topk=6, block=8)}),
-    'moba': ('moba_tiny', {'model.pattern': 'BFBF', 'model.moba': dict(block=4, topk=1)}),
     # Text diffusion (models/diffusion.py): masked diffusion's noising and stratified t, and
     # block diffusion's rows [x_noisy, x] under its mask, sharded like any training step.
     'mdlm': ('mdlm_tiny', {'model.pattern': 'AFAF'}),
     'bd3lm': ('bd3lm_tiny', {'model.pattern': 'AFAF'}),
 }
+# The sparse attentions: DSA `S` (its indexer's heads on `tensor` under fsdp_tp) over
+# deepseek_v3's MLA, top 8 of 16 tokens; MoBA `B` with blocks of 4, own + 1 earlier.
+FAMILIES['deepseek_v32'] = ('deepseek_v32_tiny', dict(
+    FAMILIES['deepseek_v3'][1], **{'model.pattern': 'SFSE', 'model.dsa': dict(
+        index_heads=4, index_head_dim=8, index_rope_dim=8, topk=8, block=8)}))
+FAMILIES['moba'] = ('moba_tiny', {'model.pattern': 'BFBF', 'model.moba': dict(block=4, topk=1)})
 # deepseek_v3 with dropless dispatch (sort + ragged_dot) instead of the preset's capacity.
 FAMILIES['deepseek_v3_dropless'] = ('deepseek_v3_tiny', dict(
     FAMILIES['deepseek_v3'][1], **{'model.moe.dispatch': 'dropless'}))

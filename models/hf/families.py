@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errors
 from models.hf import deepseek_v3
+from models.hf import deepseek_v32
 from models.hf import family as family_lib
 from models.hf import gpt2
 from models.hf import gpt_oss
@@ -32,7 +33,7 @@ def _by_model_type(families: list[family_lib.Family]) -> dict[str, family_lib.Fa
 
 FAMILIES: dict[str, family_lib.Family] = _by_model_type([
     gpt2.GPT2, llama.LLAMA, qwen3.QWEN3, qwen3_moe.QWEN3_MOE, olmo3.OLMO3, gpt_oss.GPT_OSS,
-    deepseek_v3.DEEPSEEK_V3, qwen3_next.QWEN3_NEXT, mamba2.MAMBA2, nemotron_h.NEMOTRON_H])
+    deepseek_v3.DEEPSEEK_V3, deepseek_v32.DEEPSEEK_V32, qwen3_next.QWEN3_NEXT, mamba2.MAMBA2, nemotron_h.NEMOTRON_H])
 
 # Families of the transformer issue with no mapping table yet, and the components they use.
 PENDING: dict[str, str] = {}  # model_type -> the components its mapping table waits for

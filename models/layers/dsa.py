@@ -256,6 +256,13 @@ class DSAttention(mla.MLAttention):
       raise errors.ConfigError(f'model.dsa.kl_weight={s.kl_weight} must be >= 0')
 
   @classmethod
+  def canonical(cls, fields: dict) -> dict:
+    """`dsa.index_rope_dim=0` is `attention.mla.rope_head_dim`."""
+    if not fields.get('dsa.index_rope_dim') and 'attention.mla.rope_head_dim' in fields:
+      fields = dict(fields, **{'dsa.index_rope_dim': fields['attention.mla.rope_head_dim']})
+    return fields
+
+  @classmethod
   def flops_per_token(cls, cfg, seq_len: int) -> float:
     """Forward FLOPs per token: MLA's projections, the absorbed-form core over
     min(topk, row) keys (the whole row in the warm-up), and the indexer.

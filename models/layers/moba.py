@@ -109,10 +109,12 @@ def gather_core(q_BTNH, k_BSKH, v_BSKH, mean_BSKH, q_row_BT, q_pos_BT, q_seg_BT,
   idx_BTKGX, valid_BTKGX = select_blocks(affinity_BTKGA, eligible_BTA, topk)
   # The own block joins the selected ones: X + 1 blocks of C keys per query head.
   shape = idx_BTKGX.shape[:-1] + (1,)
-  idx_BTKGX = jnp.concatenate([idx_BTKGX, jnp.broadcast_to(own_BT[:, :, None, None, None], shape)], -1)
-  valid_BTKGX = jnp.concatenate([valid_BTKGX, jnp.broadcast_to(real_BT[:, :, None, None, None], shape)], -1)
+  per_head = lambda x_BT: jnp.broadcast_to(x_BT[:, :, None, None, None], shape)
+  idx_BTKGX = jnp.concatenate([idx_BTKGX, per_head(own_BT)], -1)
+  valid_BTKGX = jnp.concatenate([valid_BTKGX, per_head(real_BT)], -1)
   offset_BTKGXC = idx_BTKGX[..., None] * c + jnp.arange(c)  # key positions in the document
-  visible_BTKGXC = valid_BTKGX[..., None] & (offset_BTKGXC <= q_pos_BT[:, :, None, None, None, None])
+  pos_BT11111 = q_pos_BT[:, :, None, None, None, None]
+  visible_BTKGXC = valid_BTKGX[..., None] & (offset_BTKGXC <= pos_BT11111)
   rows_BTKGXC = jnp.clip(start_BT[:, :, None, None, None, None] + offset_BTKGXC, 0, s - 1)
   batch_B11111 = jnp.arange(b).reshape(b, 1, 1, 1, 1, 1)
   head_11K111 = jnp.arange(k).reshape(1, 1, k, 1, 1, 1)
