@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLES_DIR = os.path.join(ROOT, 'tests', 'sharding_tables')
 
 
-def run(task: str, *args: str, devices: int = 8, timeout: int = 600) -> dict:
+def run(task: str, *args: str, devices: int = 8, timeout: int = 1800) -> dict:
   """Runs a task of this module in a fresh process with `devices` CPU devices; its JSON."""
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, 'out.json')
