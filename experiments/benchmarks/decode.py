@@ -17,7 +17,10 @@ Part `context`: one stack of each cache kind at llama_small's width (6 layers, d
 MLA (`A` with attention.kind='mla', kv rank 128 + RoPE 32: the latent cache), and the
 linear-time mixers, whose cache is a convolution window and a float32 state of a size that
 does not depend on the context: `G` (gated DeltaNet, 6 key and value heads of 64: a 64 x 64
-state per head) and `M` (Mamba-2, 12 heads of 64, expand 2, state 128); batch 1. For each
+state per head) and `M` (Mamba-2, 12 heads of 64, expand 2, state 128); and the sparse
+attentions: `S` (DSA over that MLA, an indexer of 4 heads of 64 whose key joins the latent
+cache, top 512 keys a step) and `B` (MoBA over `A`'s cache, its own and 3 earlier blocks of
+128 a step, the block means remade from the cache each step); batch 1. For each
 context length the prompt is prefilled and `--context_tokens` tokens are timed decoding; the
 table gives tokens/s and the cache's bytes.
 """
@@ -51,7 +54,7 @@ _REPEATS = shared_flag('repeats', lambda: flags.DEFINE_integer(
 _CONTEXTS = flags.DEFINE_list('contexts', ['1024', '2048', '4096', '8192', '16384', '32768'],
                               'context: prompt lengths.')
 _CONTEXT_TOKENS = flags.DEFINE_integer('context_tokens', 32, 'context: decoded tokens timed.')
-_STACKS = flags.DEFINE_list('stacks', [], 'context: only these stacks (A, W, MLA, G, M); all '
+_STACKS = flags.DEFINE_list('stacks', [], 'context: only these stacks (A, W, MLA, G, M, S, B); all '
                             'by default.')
 
 
@@ -138,10 +141,15 @@ def stacks(only=()):
       q_rank=0, kv_rank=128, nope_head_dim=64, rope_head_dim=32, v_head_dim=64, norm_eps=0.0))
   g = dict(a, pattern='GF' * 6, position='none')  # deltanet defaults: num_heads heads of 64
   ssm = dict(a, pattern='MF' * 6, position='none')  # mamba defaults: expand 2, 64, state 128
+  dsa = dict(mla, pattern='SF' * 6)  # MLA's latent cache + an indexer key of 64 per token
+  dsa['dsa'] = dict(a['dsa'], index_heads=4, index_head_dim=64, topk=512)
+  block = dict(a, pattern='BF' * 6)  # A's cache; each step reads 4 blocks of 128 per head
+  block['moba'] = dict(a['moba'], block=128, topk=3)
   import ml_collections  # pylint: disable=g-import-not-at-top
   return {name: ml_collections.ConfigDict(m) for name, m in
           (('A (GQA 6/2)', a), ('W (window 1024)', w), ('MLA (rank 128 + 32)', mla),
-           ('G (6 heads, 64 x 64)', g), ('M (12 heads, state 128)', ssm))
+           ('G (6 heads, 64 x 64)', g), ('M (12 heads, state 128)', ssm),
+           ('S (MLA + indexer, top 512)', dsa), ('B (MoBA, 4 blocks of 128)', block))
           if not only or name.split()[0] in only}
 
 
