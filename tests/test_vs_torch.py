@@ -216,7 +216,8 @@ def test_decode_benchmark_mixer_rows_keep_a_constant_cache():
     cfg = models.build(cfg).cfg
     sizes[name.split()[0]] = [sum(x.nbytes for x in jax.tree.leaves(lm.init_cache(cfg, 1, n)))
                               for n in (1024, 32768)]
-  assert set(sizes) == {'A', 'W', 'MLA', 'G', 'M'}
+  assert set(sizes) == {'A', 'W', 'MLA', 'G', 'M', 'S', 'B'}
+  assert sizes['S'][1] > 20 * sizes['S'][0] and sizes['B'] == sizes['A']  # full caches
   assert sizes['G'][0] == sizes['G'][1] > 0 and sizes['M'][0] == sizes['M'][1] > 0
   assert sizes['A'][1] > 20 * sizes['A'][0]
   assert list(decode.stacks(['G', 'M'])) == ['G (6 heads, 64 x 64)', 'M (12 heads, state 128)']
