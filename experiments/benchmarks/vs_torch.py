@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from configs import common
 from configs import transformer
+from experiments.benchmarks import shared_flag
 from models import lm
 from trainer import flops as flops_lib
 from trainer import loop
@@ -53,8 +54,11 @@ from trainer import optim
 _PRESET = flags.DEFINE_string('preset', 'llama_small', 'Preset of configs/transformer.py.')
 _SEQ_LENS = flags.DEFINE_list('seq_lens', ['512', '2048'], 'Sequence lengths to time.')
 _BATCH_TOKENS = flags.DEFINE_integer('batch_tokens', 4096, 'Tokens per step (rows = this / seq).')
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Rotations of the three systems after warm-up.')
-_STEPS = flags.DEFINE_integer('steps', 2, 'Timed training steps per system per rotation.')
+_REPEATS = shared_flag('repeats', lambda: flags.DEFINE_integer(
+    'repeats', 5, 'Rotations of the three systems after warm-up.'))
+# experiments.sample has a --steps of its own (diffusion steps) and tests import both.
+_STEPS = shared_flag('steps', lambda: flags.DEFINE_integer(
+    'steps', 2, 'Timed training steps per system per rotation.'))
 _COMPILE = flags.DEFINE_bool('compile', True, 'Also time torch.compile (mode default).')
 _UPDATE_RTOL = flags.DEFINE_float('update_rtol', 1e-3, 'Relative tolerance, loss after one step.')
 _JSON = flags.DEFINE_string('json', '', 'Also write the results to this JSON file.')
