@@ -117,3 +117,39 @@ def test_untranslatable_config_is_one_line(changes, match, checkpoint, tmp_path)
   with pytest.raises(ValueError, match=match) as e:
     hf.import_hf(path)
   assert '\n' not in str(e.value) and 'config.json' in str(e.value)
+
+
+def test_init_from_hf_and_from_a_dense_deepseek_v3_checkpoint(checkpoint, tokens, tmp_path):
+  """`init_from=hf:` of the deepseek_v32 checkpoint loads what import_hf reads; a dense
+  `deepseek_v3` checkpoint (the same model without indexers) starts an `S` model (the indexer
+  fresh, trainer/init_from.py) whose logits with top-k covering the row are transformers'
+  deepseek_v3's: DeepSeek V3.2's adaptation before its indexer warm-up."""
+  from trainer import init_from  # pylint: disable=g-import-not-at-top
+  path, _ = checkpoint
+  config, params = hf.import_hf(path, run_config(False))
+  config.init_from = f'hf:{path}'
+  init_from.prepare(config)
+  loaded = init_from.load_params(config)
+  assert jax.tree.structure(loaded) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+
+  dense_path = str(tmp_path / 'deepseek_v3')
+  dense = make_hf_model('deepseek_v3', dense_path, **{
+      k: v for k, v in FIELDS.items() if not k.startswith('index')})
+  adapted = config.copy_and_resolve_references()
+  adapted.init_from = f'hf:{dense_path}'
+  adapted.model.dsa.topk = tokens.shape[1]
+  init_from.prepare(adapted)
+  model, dummy_BT = models.build(adapted.model), np.zeros((1, 1), np.int32)
+  fresh = jax.jit(lambda r: nn.meta.unbox(model.init(
+      r, dummy_BT, positions_BT=dummy_BT, segment_ids_BT=dummy_BT + 1))['params'])(
+          jax.random.key(0))
+  got = init_from.load_params(adapted, fresh)
+  positions_BT = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+  logits_BTV = jax.jit(lambda p: model.apply({'params': p}, tokens, positions_BT=positions_BT,
+                                             segment_ids_BT=np.ones_like(tokens))[0])(got)
+  np.testing.assert_allclose(np.asarray(logits_BTV), hf_logits(dense, tokens), atol=1e-4, rtol=0)
+  adapted.model.pattern = 'SESE'  # only an `A` may change
+  with pytest.raises(ValueError, match=r"model.pattern='SESE' but the source has 'AFAE'"):
+    init_from.prepare(adapted)

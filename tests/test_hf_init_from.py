@@ -87,7 +87,7 @@ def test_prepare_and_load_params(family, checkpoints, data_dir):
   config = _run_config(imported_config.model.copy_and_resolve_references(), data_dir)
   config.init_from = f'hf:{path}'
   init_from.prepare(config)
-  _same_leaves(hf.import_hf(path, config)[1], init_from.load_params(config))
+  _same_leaves(hf.import_hf(path, config)[1], init_from.load_params(config)[0])
   wrong = _run_config(imported_config.model.copy_and_resolve_references(), data_dir)
   wrong.model.d_model *= 2
   wrong.init_from = f'hf:{path}'

@@ -42,7 +42,7 @@ def create_or_restore(run, workdir: str):
     else:
       state = run.fns.init_state(jax.random.key(t.seed))
       if run.config.get('init_from'):
-        state['params'] = jax.device_put(init_from_lib.load_params(run.config),
+        state['params'] = jax.device_put(init_from_lib.load_params(run.config, state['params']),
                                          run.fns.state_sharding['params'])
   return state, mngr, latest
 

@@ -25,9 +25,10 @@ def checkpoint_path(init_from: str) -> str:
   return init_from[len(SCHEME):]
 
 
-def prepare(config, skip=()):
+def prepare(config, skip=lambda source_pattern: ()):
   """Checks `config.model` against the checkpoint and points the data at its tokenizer.
-  Fields in `skip` may differ (an adaptation's: trainer/init_from.py).
+  Fields `skip(the checkpoint's pattern)` names may differ (an adaptation's:
+  trainer/init_from.py).
 
   Changes `config` in place (the trainer passes its own copy) and returns it.
   """
@@ -36,7 +37,7 @@ def prepare(config, skip=()):
   if not config.model.vocab_size:
     config.model.vocab_size = fields['vocab_size']
   theirs = family_lib.model_config(fields, runtime_from=config.model)
-  diffs = family_lib.architecture_diff(config.model, theirs, skip=skip)
+  diffs = family_lib.architecture_diff(config.model, theirs, skip=skip(theirs.pattern))
   if diffs:
     shown = '; '.join(f'model.{k}={a!r} but the checkpoint has {b!r}' for k, a, b in diffs[:3])
     more = f' (and {len(diffs) - 3} more)' if len(diffs) > 3 else ''
@@ -50,10 +51,11 @@ def prepare(config, skip=()):
   return config
 
 
-def load_params(config, skip=()):
-  """The checkpoint's parameters (numpy) laid out for `config.model`."""
+def load_params(config, skip=lambda source_pattern: ()):
+  """(the checkpoint's parameters (numpy) laid out for `config.model`, its pattern)."""
   imported, params = interop.import_hf(checkpoint_path(config.init_from), config)
-  diffs = family_lib.architecture_diff(config.model, imported.model, skip=skip)
+  diffs = family_lib.architecture_diff(config.model, imported.model,
+                                       skip=skip(imported.model.pattern))
   assert not diffs, diffs  # prepare() checked this before the data and model were built
   logging.info('init_from: parameters from %s', config.init_from)
-  return params
+  return params, imported.model.pattern
