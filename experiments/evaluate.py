@@ -20,8 +20,15 @@ answer, `accuracy` is the fraction of answer tokens right (Zoology's and MAD's m
 `exact_match` the fraction of instances with every answer token right (for needle retrieval,
 that greedy decoding writes the value first); each with a 95% interval over instances (the
 ratio estimator's normal interval; Wilson's for exact_match). `state_bytes` is the decode
-cache of one sequence at the task's length (what recall has to live in). Runs trained with a
-diffusion objective are refused for now: they need their conditional likelihood or sampler.
+cache of one sequence at the task's length (what recall has to live in).
+
+Runs trained with a diffusion objective (masked or block diffusion) are scored by one
+parallel denoising step, the first step of their samplers: every answer token of the
+instance masked at once, the rest of the sequence clean (for block diffusion, the clean
+stream beside it, as in training), and a token right when the denoiser's argmax at its
+masked position is the answer (masked diffusion predicts position l's own token, not l + 1).
+This is the model's answer with no other answer known; eval.json's `scoring` says which rule
+scored a run.
 
 eval.json (in the workdir, or `--output`) keeps earlier results of the same checkpoint and
 adds these, keyed by task spec.
@@ -66,6 +73,18 @@ _SWEEP_DIR = flags.DEFINE_string('sweep_dir', None, 'Score every finished run of
 
 SCORING = ('teacher-forced: the argmax at each answer token against the answer (causal '
            'next-token models)')
+DIFFUSION_OBJECTIVES = ('masked_diffusion', 'block_diffusion')
+DIFFUSION_SCORING = ('one parallel denoising step: every answer token masked at once, the '
+                     'argmax at each masked answer position against the answer')
+
+
+def diffusion_rows(batch, mask_id: int):
+  """(z_BS, x_BS, answer_BS) of S = T + 1 from next-token rows: the whole sequence x
+  (inputs[0], then targets), the answer positions (where the targets are weighted, one
+  later), and z: x with every answer token masked."""
+  x_BS = jnp.concatenate([batch['inputs'][:, :1], batch['targets']], axis=1)
+  answer_BS = jnp.pad(batch['weights'] > 0, ((0, 0), (1, 0)))
+  return jnp.where(answer_BS, mask_id, x_BS), x_BS, answer_BS
 
 
 def expand(names: list[str], options: list[str]) -> list[str]:
@@ -141,9 +160,42 @@ def _score_fn(model):
   return score
 
 
+def _diffusion_score_fn(model, mask_id: int, block: bool):
+  """The score of `diffusion_rows` through a bidirectional denoiser; with `block`, over
+  [z, x] as block diffusion trains (each block sees the clean earlier blocks)."""
+  @jax.jit
+  def score(variables, batch):
+    z_BS, x_BS, answer_BS = diffusion_rows(batch, mask_id)
+    rows, length = x_BS.shape
+    pos_BS = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (rows, length))
+    seg_BS = jnp.ones_like(pos_BS)
+    if block:
+      both = lambda a, b: jnp.concatenate([a, b], axis=1)
+      logits_BSV, _, _ = model.apply(variables, both(z_BS, x_BS), positions_BT=both(pos_BS, pos_BS),
+                                     segment_ids_BT=both(seg_BS, seg_BS))
+      logits_BSV = logits_BSV[:, :length]
+    else:
+      logits_BSV, _, _ = model.apply(variables, z_BS, positions_BT=pos_BS, segment_ids_BT=seg_BS)
+    right_BS = jnp.argmax(logits_BSV.astype(jnp.float32), axis=-1) == x_BS
+    return jnp.sum(right_BS & answer_BS, axis=-1), jnp.sum(answer_BS, axis=-1)
+  return score
+
+
+def diffusion_mask_id(objective: dict, tokenizer) -> int:
+  """The MASK id a diffusion run trained with (`objective.mask_id`, -1: the tokenizer's)."""
+  mask_id = objective.get('mask_id', -1)
+  if mask_id is None or mask_id < 0:
+    mask_id = getattr(tokenizer, 'mask_id', None)
+  if mask_id is None:
+    raise errors.ConfigError('the diffusion run\'s objective.mask_id is -1 and its tokenizer '
+                             'has no mask token')
+  return int(mask_id)
+
+
 def evaluate(model_config, variables, tokenizer, specs: list[str], *, instances: int = 0,
-             batch_size: int = 16, text_source=None) -> dict[str, dict]:
-  """{spec: results} of the model on the test instances of each task spec."""
+             batch_size: int = 16, text_source=None, objective=None) -> dict[str, dict]:
+  """{spec: results} of the model on the test instances of each task spec; `objective` (the
+  run's objective config, a dict) selects diffusion scoring (module docstring)."""
   tasks = tasks_lib.build(specs, tokenizer, text_source)
   tasks_lib.check_trainable(tasks, model_config.vocab_size, f'the model (vocabulary '
                             f'{model_config.vocab_size})')
@@ -152,7 +204,18 @@ def evaluate(model_config, variables, tokenizer, specs: list[str], *, instances:
       raise errors.DataError(f'task {task.spec} has rows of {task.seq_len} tokens but the model '
                              f'learned positions for {model_config.max_len} (model.max_len)')
   model = models.build(model_config)
-  score = _score_fn(model)
+  name = (objective or {}).get('name', 'next_token')
+  if name in DIFFUSION_OBJECTIVES:
+    if model_config.position == 'learned' and max(t.seq_len for t in tasks) >= model_config.max_len:
+      raise errors.DataError(f'diffusion scoring reads rows of seq_len + 1 tokens, beyond the '
+                             f'model\'s learned positions (model.max_len={model_config.max_len})')
+    score = _diffusion_score_fn(model, diffusion_mask_id(objective, tokenizer),
+                                block=name == 'block_diffusion')
+  elif name == 'next_token':
+    score = _score_fn(model)
+  else:
+    raise errors.ConfigError(f'objective.name={name!r}: evaluate scores next_token and '
+                             f'{sorted(DIFFUSION_OBJECTIVES)} runs')
   variables = jax.tree.map(jnp.asarray, variables)
   results = {}
   for task in tasks:
@@ -206,11 +269,10 @@ def evaluate_workdir(workdir: str, names: list[str], options: list[str], *, step
   if not os.path.isdir(workdir):
     raise errors.CheckpointError(f'--workdir={workdir}: no such directory')
   saved = _run_config(workdir)
-  objective = (saved.get('objective') or {}).get('name', 'next_token')
-  if objective != 'next_token' or saved.get('model', {}).get('bidirectional'):
-    raise errors.ConfigError(f'{workdir} trained objective.name={objective!r}: evaluate scores '
-                             'causal next-token models; a diffusion run needs its conditional '
-                             'likelihood or sampler, which evaluate does not have yet')
+  objective = dict(saved.get('objective') or {'name': 'next_token'})
+  if objective['name'] == 'next_token' and saved.get('model', {}).get('bidirectional'):
+    raise errors.ConfigError(f'{workdir} trained a bidirectional model on next_token: nothing '
+                             'to score it with')
   if not names:
     trained = saved.get('data', {}).get('task', '')
     if not trained:
@@ -223,10 +285,13 @@ def evaluate_workdir(workdir: str, names: list[str], options: list[str], *, step
   step = step if step is not None else _latest_step(workdir)
   results = evaluate(model_config, {'params': params, **collections}, tokenizer, specs,
                      instances=instances, batch_size=batch_size,
-                     text_source=tasks_lib.corpus_text(_data_config(saved.get('data'))))
+                     text_source=tasks_lib.corpus_text(_data_config(saved.get('data'))),
+                     objective=objective)
+  diffusion = objective['name'] in DIFFUSION_OBJECTIVES
   return _write(output or os.path.join(workdir, 'eval.json'), {
       'workdir': os.path.abspath(workdir), 'step': step, 'trained_on': saved.get('data', {}).get('task', ''),
-      'params': flops_lib.count_params(params)}, results)
+      'params': flops_lib.count_params(params), 'objective': objective['name']}, results,
+      scoring=DIFFUSION_SCORING if diffusion else SCORING)
 
 
 def _latest_step(workdir: str):
@@ -248,7 +313,7 @@ def evaluate_hf(path: str, names: list[str], options: list[str], *, instances: i
       'params': flops_lib.count_params(variables['params'])}, results)
 
 
-def _write(path: str, header: dict, results: dict) -> dict:
+def _write(path: str, header: dict, results: dict, scoring: str = SCORING) -> dict:
   record = {}
   if os.path.isfile(path):
     with open(path) as f:
@@ -258,7 +323,7 @@ def _write(path: str, header: dict, results: dict) -> dict:
         record = {}
     if record.get('step') != header.get('step'):
       record = {}  # results of another checkpoint are replaced, not mixed
-  record.update(header, scoring=SCORING, code_version=experiments.code_version(),
+  record.update(header, scoring=scoring, code_version=experiments.code_version(),
                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
   record['tasks'] = {**record.get('tasks', {}), **results}
   tmp = path + '.tmp'

@@ -108,3 +108,67 @@ def test_a_corpus_run_needs_tasks(tmp_path):
     evaluate.evaluate_workdir(str(tmp_path), [], [])
   with pytest.raises(errors.CheckpointError, match='no checkpoints/'):
     evaluate.evaluate_workdir(str(tmp_path), ['mqar'], [])
+
+
+def test_diffusion_rows_mask_exactly_the_answers():
+  """The whole sequence (inputs[0], then the targets), the answers one later than their
+  targets' index, and nothing else masked."""
+  task, = tasks_lib.build(['selective_copying:vocab_size=4,seq_len=32,num_tokens_to_copy=6'])
+  instance = task.instance('test', 3)
+  row = tasks_lib.pad_row(instance, 32, 0)
+  z_BS, x_BS, answer_BS = (np.asarray(a)[0] for a in evaluate.diffusion_rows(
+      {k: v[None] for k, v in row.items()}, mask_id=99))
+  np.testing.assert_array_equal(x_BS[1:len(instance['targets']) + 1], instance['targets'])
+  assert x_BS[0] == instance['inputs'][0]
+  np.testing.assert_array_equal(np.flatnonzero(answer_BS), np.flatnonzero(instance['answer']) + 1)
+  np.testing.assert_array_equal(x_BS[answer_BS], instance['targets'][instance['answer']])
+  assert np.all(z_BS[answer_BS] == 99) and np.array_equal(z_BS[~answer_BS], x_BS[~answer_BS])
+
+
+@pytest.mark.parametrize('objective', ['masked_diffusion', 'block_diffusion'])
+def test_diffusion_scoring_against_oracles(run_dir, objective):
+  """A zero model says token 0 everywhere: accuracy is the share of answers that are 0 (the
+  answers are read where they are). A model that copies its input (one-hot tied embeddings,
+  every sublayer's output zero) says MASK at every masked answer: accuracy 0 (the answers are
+  hidden, and block diffusion's logits are the noisy stream's, not the clean one's)."""
+  model_config, params, _ = evaluate.checkpoint.read_model(run_dir)
+  model_config.bidirectional = True
+  if objective == 'block_diffusion':
+    model_config.diffusion_block = 4
+  tokenizer = tokenizer_lib.SymbolTokenizer(60)
+  spec = 'selective_copying:vocab_size=4,seq_len=32,num_tokens_to_copy=6'
+  zero = {'params': jax.tree.map(np.zeros_like, params)}
+  result, = evaluate.evaluate(model_config, zero, tokenizer, [spec], instances=24,
+                              objective={'name': objective}).values()
+  task, = tasks_lib.build([spec])
+  answers = [task.instance('test', i) for i in range(24)]
+  zeros = sum(np.sum(a['targets'][a['answer']] == 0) for a in answers)
+  assert result['answer_tokens'] == 24 * 6 and 0 < zeros < 24 * 6
+  assert result['accuracy'] == pytest.approx(zeros / (24 * 6))
+
+  vocab, width = params['embed'].shape  # 68 x 64: every id these rows hold (< 60) is one-hot
+  copy = jax.tree_util.tree_map_with_path(
+      lambda path, p: np.ones_like(p) if 'scale' in jax.tree_util.keystr(path) else
+      np.zeros_like(p), params)
+  copy['embed'] = np.eye(vocab, width, dtype=params['embed'].dtype)
+  if 'head' in copy:  # untied: the head reads the one-hot back
+    copy['head'] = copy['embed'].T.copy()
+  result, = evaluate.evaluate(model_config, {'params': copy}, tokenizer, [spec], instances=24,
+                              objective={'name': objective, 'mask_id': 59}).values()
+  assert result['accuracy'] == 0.0
+
+
+def test_a_masked_diffusion_run_is_scored_by_its_denoiser(tmp_path):
+  workdir = str(tmp_path / 'mdlm')
+  config = transformer.get_config('preset=llada_tiny,runlocal')
+  config.model.pattern = 'AF'
+  config.data.task, config.data.seq_len, config.data.eval_batches = TASK, 32, 1
+  config.train.steps, config.train.batch_size, config.train.progress_bar = 2, 8, False
+  config.train.checkpoint_every, config.peak_flops = 2, 1e11
+  loop.train_and_evaluate(config, workdir)
+  record = evaluate.evaluate_workdir(workdir, [], [], instances=8)
+  assert record['objective'] == 'masked_diffusion'
+  assert record['scoring'] == evaluate.DIFFUSION_SCORING
+  result, = record['tasks'].values()
+  assert result['instances'] == 8 and result['answer_tokens'] == 8 * 4
+  assert 0.0 <= result['accuracy'] <= 1.0
