@@ -89,3 +89,26 @@ def test_a_block_diffusion_run_from_the_causal_run_samples_with_the_command(caus
   row = json.loads(out.read_text())
   # Prompt 'def' after BOS: 4 tokens, one block; 12 new tokens fill 3 more blocks.
   assert 0 < len(row['tokens']) <= 12 and row['model_evals'] >= 3 + 4
+
+
+def test_a_masked_diffusion_run_starts_from_a_hugging_face_checkpoint(tmp_path):
+  """`init_from=hf:` of a (random, tiny) transformers Llama into a masked diffusion model:
+  the same weights with the causal mask dropped; any other difference is refused."""
+  pytest.importorskip('transformers')
+  from models import hf  # pylint: disable=g-import-not-at-top
+  from tests import test_hf  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / 'llama')
+  test_hf.make_hf_model('llama', path, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+  imported, params = hf.import_hf(path, tiny('llada_tiny', 4, 4))
+  config = tiny('llada_tiny', 4, 4)
+  config.model = imported.model.copy_and_resolve_references()
+  config.model.bidirectional = True
+  config.init_from = f'hf:{path}'
+  prepared = init_from.prepare(config)
+  loaded = init_from.load_params(prepared)
+  assert jax.tree.structure(loaded) == jax.tree.structure(params)
+  assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)))
+  config.model.num_heads = 4
+  with pytest.raises(errors.ConfigError, match=r'model.num_heads=4 but the checkpoint has 2'):
+    init_from.prepare(config)
