@@ -18,6 +18,7 @@ import pytest
 import errors
 import models
 from models import lm
+from models.layers import attention
 from models.layers import dsa
 from tests.conftest import packed_batch
 from tests.conftest import prefill_then_decode
@@ -204,7 +205,7 @@ def test_prefill_then_decode_equals_the_full_forward():
 
 
 @pytest.mark.parametrize('field,value,message', [
-    ('attention.kind', 'mha', "'S' \\(DSA\\) runs over MLA only"),
+    ('attention.kind', 'linear', "'S' \\(DSA\\) runs over 'mla' or 'mha'"),
     ('dsa.topk', 0, 'model.dsa.topk=0 must be >= 1'),
     ('dsa.index_rope_dim', 5, 'model.dsa.index_rope_dim=5 gives 5 rotated features'),
     ('dsa.index_rope_dim', 40, 'at most model.dsa.index_head_dim=16'),
@@ -216,6 +217,95 @@ def test_prefill_then_decode_equals_the_full_forward():
 def test_bad_fields_are_one_line(field, value, message):
   with pytest.raises(errors.ConfigError, match=message):
     models.build(_cfg(**{field: value}))
+
+
+def _gqa_cfg(**fields):
+  """`S` over GQA: llama_tiny's attention (4 query heads on 2 kv heads, QK-norm off)."""
+  return tiny_model_config('llama_tiny', **{
+      'pattern': 'SF', 'attention.kind': 'mha', 'dsa.topk': 5, 'dsa.block': 16,
+      'dsa.index_heads': 4, 'dsa.index_head_dim': 16, **fields})
+
+
+def test_over_gqa_topk_covering_the_row_equals_attention():
+  """`attention.kind='mha'`: with topk >= the row `S` is `A` on `A`'s parameters (logits of a
+  packed 2-document row within 1e-5), and a topk of 5 changes them."""
+  cfg_s = _gqa_cfg(**{'dsa.topk': 64})
+  assert lm.sublayer_class(cfg_s, 'S') is dsa.DSAGQAttention
+  tokens_BT, pos_BT, seg_BT = packed_batch(jax.random.key(2), 2, 40, 260)
+  model_s = models.build(cfg_s)
+  variables = jax.jit(lambda t: nn.meta.unbox(model_s.init(
+      jax.random.key(0), t, positions_BT=pos_BT, segment_ids_BT=seg_BT)))(tokens_BT)
+
+  def as_attention(tree):  # without the indexer, sublayer '0S' named '0A'
+    if not isinstance(tree, dict):
+      return tree
+    return {k[:-1] + 'A' if k[:-1].isdigit() and k[-1] == 'S' else k: as_attention(v)
+            for k, v in tree.items() if k != 'indexer'}
+
+  logits = lambda cfg, v: jax.jit(lambda v: models.build(cfg).apply(
+      v, tokens_BT, positions_BT=pos_BT, segment_ids_BT=seg_BT)[0])(v)
+  out_s = logits(cfg_s, variables)
+  np.testing.assert_allclose(out_s, logits(_gqa_cfg(pattern='AF'), as_attention(variables)),
+                             atol=1e-5)
+  assert float(jnp.abs(logits(_gqa_cfg(), variables) - out_s).max()) > 1e-3
+
+
+def test_over_gqa_gather_equals_dense_and_prefill_then_decode_equals_the_full_forward():
+  """GQA's gather (blocks of 16 rows) == dense, outputs, KL and gradients within 1e-5 at
+  topk=5 on 37 tokens; two `SF` blocks decode (prefill of 11, then a token a step, one row
+  left-padded) to the full forward's logits within 1e-4."""
+  cfg = _gqa_cfg()
+  layer = dsa.DSAGQAttention(cfg)
+  x_BTD = jax.random.normal(jax.random.key(0), (2, T, cfg.d_model))
+  seg_BT = jnp.asarray([[1] * T, [1] * 20 + [2] * 17], jnp.int32)
+  pos_BT = jnp.asarray([list(range(T)), list(range(20)) + list(range(17))], jnp.int32)
+  variables = jax.jit(lambda x: nn.meta.unbox(layer.init(
+      jax.random.key(1), x, positions_BT=pos_BT, segment_ids_BT=seg_BT)))(x_BTD)
+  variables = jax.tree_util.tree_map_with_path(  # selection far from ties, as layer_setup's
+      lambda path, v: v * 30 if 'indexer' in jax.tree_util.keystr(path) and v.ndim > 1 else v,
+      variables)
+  r_BTD = jax.random.normal(jax.random.key(3), x_BTD.shape)
+
+  def loss(v, impl):
+    y_BTD, aux, _ = dsa.DSAGQAttention(_gqa_cfg(**{'dsa.impl': impl})).apply(
+        v, x_BTD, positions_BT=pos_BT, segment_ids_BT=seg_BT)
+    return jnp.sum(y_BTD * r_BTD) + 10 * aux['loss/indexer_kl'], (y_BTD, aux)
+
+  (_, (y_g, aux_g)), g_g = jax.jit(jax.value_and_grad(lambda v: loss(v, 'gather'), has_aux=True))(variables)
+  (_, (y_d, aux_d)), g_d = jax.jit(jax.value_and_grad(lambda v: loss(v, 'dense'), has_aux=True))(variables)
+  np.testing.assert_allclose(y_g, y_d, atol=1e-5)
+  np.testing.assert_allclose(aux_g['dsa/kl'], aux_d['dsa/kl'], rtol=1e-5, atol=1e-7)
+  assert float(aux_g['dsa/kl']) > 1e-3
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_g), jax.tree.leaves(g_d)):
+    scale = float(jnp.abs(b).max()) + 1e-6
+    np.testing.assert_allclose(a / scale, b / scale, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+  b, t = 2, 19
+  cfg = _gqa_cfg(pattern='SF' * 2, scan_layers=True, **{'dsa.topk': 6})
+  model = models.build(cfg)
+  tokens_BT, pos_BT, seg_BT = packed_batch(jax.random.key(1), b, t, 260, num_segments=1)
+  seg_BT = seg_BT.at[1, :4].set(0)
+  pos_BT = pos_BT.at[1].set(jnp.maximum(pos_BT[1] - 4, 0))
+  variables = jax.jit(lambda t: nn.meta.unbox(model.init(
+      jax.random.key(0), t, positions_BT=pos_BT, segment_ids_BT=seg_BT)))(tokens_BT)
+  full_BTV = jax.jit(lambda v: model.apply(v, tokens_BT, positions_BT=pos_BT,
+                                           segment_ids_BT=seg_BT)[0])(variables)
+  apply = jax.jit(lambda x, p, s, c: model.apply(variables, x, positions_BT=p, segment_ids_BT=s,
+                                                 cache=c))
+  cache = lm.init_cache(model.cfg, b, t)
+  assert cache['blocks']['0S']['k_index_BSH'].shape == (2, b, t, cfg.dsa.index_head_dim)
+  h = attention.head_dim(cfg)
+  assert cache['blocks']['0S']['k_BSKH'].shape == (2, b, t, cfg.num_kv_heads, h)
+  got_BTV, _ = prefill_then_decode(apply, cache, tokens_BT, pos_BT, seg_BT, 11)
+  real = np.asarray(seg_BT)[..., None] > 0
+  err = float(jnp.max(jnp.abs(jnp.where(real, got_BTV - full_BTV, 0))))
+  assert err <= 1e-4, f'prefill + decode differs by {err:.2e}'
+  # Its FLOPs: A's with min(topk, row) keys, plus the indexer.
+  a_cfg = _gqa_cfg(pattern='AF')
+  flops = dsa.DSAGQAttention.flops_per_token(cfg, 64)
+  dense = models.SUBLAYERS['A'].select(a_cfg).flops_per_token(a_cfg, 64)
+  assert flops == pytest.approx(dense - 4 * (64 - 6) * cfg.num_heads * h
+                                + dsa.DSAGQAttention.indexer_flops_per_token(cfg, 64))
 
 
 def test_flops_per_token_match_xla_in_one_block():

@@ -117,28 +117,36 @@ def gather_keys(k_BSH, idx_BTX):
   return jax.vmap(lambda k_SH, i_TX: k_SH[i_TX])(k_BSH, idx_BTX)
 
 
-def core(q_BTNH, k_BSH, v_BSH, iq_BTIH, iw_BTI, ik_BSH, mask_BTS, *, scale: float, topk: int,
+def core(q_BTNH, k_BSKH, v_BSKH, iq_BTIH, iw_BTI, ik_BSH, mask_BTS, *, scale: float, topk: int,
          stage: str, impl: str):
-  """One block of queries: (out_BTNH, kl_sum, kl_count, mass_sum) of MQA attention over the
+  """One block of queries: (out_BTNH, kl_sum, kl_count, mass_sum) of attention over the
   selected keys (`stage='sparse'`) or all visible keys (`'warmup'`), by `impl`.
 
-  q_BTNH: absorbed queries; k_BSH, v_BSH: the keys and values every head shares (MLA's latent
-  keys [c, rope(k_rope)] and values c); iq/iw/ik: the indexer's queries, head weights, keys.
+  q_BTNH: the queries, N = K G heads, head n reading kv head n // G; k_BSKH, v_BSKH: the keys
+  and values of the K kv heads (MLA's absorbed form: K = 1, the latent keys [c, rope(k_rope)]
+  and values c every head shares; GQA: its kv heads); iq/iw/ik: the indexer's queries, head
+  weights, keys. Selection is per query, shared by every head.
   """
+  b, t, n, _ = q_BTNH.shape
+  kv = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, -1)
+  per_head = lambda x_BTKG_: x_BTKG_.reshape((b, t, n) + x_BTKG_.shape[4:])
+  per_group = lambda x_BTN_: x_BTN_.reshape((b, t, kv, n // kv) + x_BTN_.shape[3:])
   scores_BTS = index_scores(iq_BTIH, iw_BTI, ik_BSH)
   idx_BTX, valid_BTX = select(scores_BTS, mask_BTS, topk)
   zero = jnp.zeros((), jnp.float32)
   if stage == 'sparse' and impl == 'gather':
-    k_BTXH, v_BTXH = gather_keys(k_BSH, idx_BTX), gather_keys(v_BSH, idx_BTX)
-    logits_BTNX = jnp.einsum('BTNH,BTXH->BTNX', q_BTNH, k_BTXH,
-                             preferred_element_type=jnp.float32) * scale
+    k_BTXKH, v_BTXKH = gather_keys(k_BSKH, idx_BTX), gather_keys(v_BSKH, idx_BTX)
+    logits_BTNX = per_head(jnp.einsum('BTKGH,BTXKH->BTKGX', q_BTKGH, k_BTXKH,
+                                      preferred_element_type=jnp.float32)) * scale
     probs_BTNX = softmax_masked(logits_BTNX, valid_BTX)
-    out_BTNH = jnp.einsum('BTNX,BTXH->BTNH', probs_BTNX.astype(v_BTXH.dtype), v_BTXH)
+    out_BTNH = per_head(jnp.einsum('BTKGX,BTXKH->BTKGH',
+                                   per_group(probs_BTNX).astype(v_BTXKH.dtype), v_BTXKH))
     kl, count = kl_to_indexer(head_summed(probs_BTNX),
                               jnp.take_along_axis(scores_BTS, idx_BTX, axis=-1), valid_BTX)
     return out_BTNH, kl, count, zero
-  logits_BTNS = jnp.einsum('BTNH,BSH->BTNS', q_BTNH, k_BSH,
-                           preferred_element_type=jnp.float32) * scale
+  logits_BTNS = per_head(jnp.einsum('BTKGH,BSKH->BTKGS', q_BTKGH, k_BSKH,
+                                    preferred_element_type=jnp.float32)) * scale
   chosen_BTS = jnp.zeros_like(mask_BTS).at[
       jnp.arange(mask_BTS.shape[0])[:, None, None], jnp.arange(mask_BTS.shape[1])[None, :, None],
       idx_BTX].set(valid_BTX)
@@ -151,8 +159,33 @@ def core(q_BTNH, k_BSH, v_BSH, iq_BTIH, iw_BTI, ik_BSH, mask_BTS, *, scale: floa
     p_BTS = head_summed(probs_BTNS)
     kl, count = kl_to_indexer(p_BTS, scores_BTS, mask_BTS)
     mass = jnp.sum(jnp.where(chosen_BTS, p_BTS, 0.0))
-  out_BTNH = jnp.einsum('BTNS,BSH->BTNH', probs_BTNS.astype(v_BSH.dtype), v_BSH)
+  out_BTNH = per_head(jnp.einsum('BTKGS,BSKH->BTKGH', per_group(probs_BTNS).astype(v_BSKH.dtype),
+                                 v_BSKH))
   return out_BTNH, kl, count, mass
+
+
+def attend(cfg, q_BTNH, keys: dict, iq_BTIH, iw_BTI, positions_BT, segment_ids_BT, *,
+           scale: float, training: bool):
+  """(out_BTNH, aux): `core` over query blocks of `dsa.block` rows against `keys`
+  (k_BSKH, v_BSKH, k_index_BSH, pos_BS, seg_BS: the row, or what the cache holds), and the
+  indexer's KL and statistics when `training`."""
+  s = cfg.dsa
+
+  def block_fn(q_BTNH, iq_BTIH, iw_BTI, q_pos_BT, q_seg_BT):
+    mask_BTS = attention.attention_mask(q_pos_BT, q_seg_BT, keys['pos_BS'], keys['seg_BS'],
+                                        causal=True)
+    return core(q_BTNH, keys['k_BSKH'], keys['v_BSKH'], iq_BTIH, iw_BTI, keys['k_index_BSH'],
+                mask_BTS, scale=scale, topk=s.topk, stage=s.stage, impl=s.impl)
+
+  out_BTNH, kl, count, mass = blockwise(block_fn, s.block, (q_BTNH, iq_BTIH, iw_BTI),
+                                        positions_BT, segment_ids_BT)
+  aux = {}
+  if training:
+    kl = kl / jnp.maximum(count, 1.0)
+    aux = {'loss/indexer_kl': s.kl_weight * kl, 'dsa/kl': kl}
+    if s.stage == 'warmup':
+      aux['dsa/attention_mass'] = mass / jnp.maximum(count, 1.0)
+  return out_BTNH, aux
 
 
 def blockwise(fn, block: int, queries: tuple, q_pos_BT, q_seg_BT):
@@ -210,7 +243,42 @@ class Indexer(nn.Module):
 
 
 def index_rope_dim(cfg) -> int:
-  return cfg.dsa.index_rope_dim or cfg.attention.mla.rope_head_dim
+  """Rotated indexer features: `dsa.index_rope_dim`, or 0 for MLA's rope_head_dim (over MLA)
+  or half of `dsa.index_head_dim` (over GQA)."""
+  if cfg.dsa.index_rope_dim:
+    return cfg.dsa.index_rope_dim
+  return cfg.attention.mla.rope_head_dim if cfg.attention.kind == 'mla' else cfg.dsa.index_head_dim // 2
+
+
+def validate_dsa(cfg, name: str) -> None:
+  """The `dsa` fields both kinds read; one-line errors naming the field."""
+  s = cfg.dsa
+  if cfg.attention.sinks:
+    raise errors.ConfigError(f"model.attention.sinks=True is not supported by 'S' ({name})")
+  for field in ('index_heads', 'index_head_dim', 'topk', 'block'):
+    if s[field] < 1:
+      raise errors.ConfigError(f'model.dsa.{field}={s[field]} must be >= 1')
+  rope = index_rope_dim(cfg)
+  if rope % 2 or rope > s.index_head_dim or s.index_rope_dim < 0:
+    raise errors.ConfigError(f'model.dsa.index_rope_dim={s.index_rope_dim} gives {rope} rotated '
+                             f'features: it must be even and at most model.dsa.index_head_dim='
+                             f'{s.index_head_dim}')
+  if s.stage not in STAGES:
+    raise errors.ConfigError(f'model.dsa.stage={s.stage!r} is not one of {STAGES}')
+  if s.impl not in IMPLS:
+    raise errors.ConfigError(f'model.dsa.impl={s.impl!r} is not one of {IMPLS}')
+  if s.kl_weight < 0:
+    raise errors.ConfigError(f'model.dsa.kl_weight={s.kl_weight} must be >= 0')
+
+
+def indexer_flops_per_token(cfg, seq_len: int, q_src: int) -> float:
+  """The lightning indexer's forward FLOPs per token, its queries from `q_src` features:
+  projections 2 (q_src H_I d_I + D d_I + D H_I) and scores 2 S H_I d_I + 2 S H_I over every
+  key of the row (S = the row, no causal halving): O(T^2 H_I d_I) a row."""
+  d, s = cfg.d_model, cfg.dsa
+  heads, dim = s.index_heads, s.index_head_dim
+  return float(2 * (q_src * heads * dim + d * dim + d * heads)
+               + 2 * seq_len * heads * dim + 2 * seq_len * heads)
 
 
 @models.register_sublayer('S')
@@ -224,36 +292,22 @@ class DSAttention(mla.MLAttention):
 
   @classmethod
   def select(cls, cfg) -> type:
-    del cfg
-    return cls
+    """Over MLA (`attention.kind='mla'`, DeepSeek V3.2) or GQA (`'mha'`: `DSAGQAttention`)."""
+    kind = cfg.attention.kind
+    if kind == 'mla':
+      return DSAttention
+    if kind == 'mha':
+      return DSAGQAttention
+    raise errors.ConfigError(f"model.attention.kind={kind!r}: 'S' (DSA) runs over 'mla' or 'mha'")
 
   @classmethod
   def variants(cls) -> tuple[type, ...]:
-    return ()
+    return (DSAGQAttention,)
 
   @classmethod
   def validate(cls, cfg):
-    if cfg.attention.kind != 'mla':
-      raise errors.ConfigError(f"model.attention.kind={cfg.attention.kind!r}: 'S' (DSA) runs over "
-                               "MLA only (GQA is not implemented); set model.attention.kind='mla'")
     super().validate(cfg)
-    s = cfg.dsa
-    if cfg.attention.sinks:
-      raise errors.ConfigError("model.attention.sinks=True is not supported by 'S' (DSA)")
-    for name in ('index_heads', 'index_head_dim', 'topk', 'block'):
-      if s[name] < 1:
-        raise errors.ConfigError(f'model.dsa.{name}={s[name]} must be >= 1')
-    rope = index_rope_dim(cfg)
-    if rope % 2 or rope > s.index_head_dim or s.index_rope_dim < 0:
-      raise errors.ConfigError(f'model.dsa.index_rope_dim={s.index_rope_dim} gives {rope} rotated '
-                               f'features: it must be even and at most model.dsa.index_head_dim='
-                               f'{s.index_head_dim}')
-    if s.stage not in STAGES:
-      raise errors.ConfigError(f'model.dsa.stage={s.stage!r} is not one of {STAGES}')
-    if s.impl not in IMPLS:
-      raise errors.ConfigError(f'model.dsa.impl={s.impl!r} is not one of {IMPLS}')
-    if s.kl_weight < 0:
-      raise errors.ConfigError(f'model.dsa.kl_weight={s.kl_weight} must be >= 0')
+    validate_dsa(cfg, 'DSA')
 
   @classmethod
   def canonical(cls, fields: dict) -> dict:
@@ -285,12 +339,8 @@ class DSAttention(mla.MLAttention):
 
   @classmethod
   def indexer_flops_per_token(cls, cfg, seq_len: int) -> float:
-    """The lightning indexer's share of `flops_per_token`."""
-    d, s = cfg.d_model, cfg.dsa
-    q_src = cfg.attention.mla.q_rank or d
-    heads, dim = s.index_heads, s.index_head_dim
-    return float(2 * (q_src * heads * dim + d * dim + d * heads)
-                 + 2 * seq_len * heads * dim + 2 * seq_len * heads)
+    """The lightning indexer's share of `flops_per_token` (queries from the q latent)."""
+    return indexer_flops_per_token(cfg, seq_len, cfg.attention.mla.q_rank or cfg.d_model)
 
   @classmethod
   def xla_counts_once(cls, cfg, seq_len: int) -> bool:
@@ -321,22 +371,87 @@ class DSAttention(mla.MLAttention):
     # Absorbed (MQA) form: latent queries against the shared latent keys and values.
     q_lat_BTNR = jnp.einsum('BTNH,RNH->BTNR', p['q_nope_BTNH'], p['w_k_RNH'])
     q_BTNH = jnp.concatenate([q_lat_BTNR, p['q_rope_BTNH'].astype(q_lat_BTNR.dtype)], -1)
-    k_BSH = jnp.concatenate([keys['c_BSR'], keys['k_rope_BSH']], -1)
-    s = cfg.dsa
-
-    def block_fn(q_BTNH, iq_BTIH, iw_BTI, q_pos_BT, q_seg_BT):
-      mask_BTS = attention.attention_mask(q_pos_BT, q_seg_BT, keys['pos_BS'], keys['seg_BS'],
-                                          causal=True)
-      return core(q_BTNH, k_BSH, keys['c_BSR'], iq_BTIH, iw_BTI, keys['k_index_BSH'], mask_BTS,
-                  scale=mla.softmax_scale(cfg), topk=s.topk, stage=s.stage, impl=s.impl)
-
-    out_lat_BTNR, kl, count, mass = blockwise(block_fn, s.block, (q_BTNH, iq_BTIH, iw_BTI),
-                                              positions_BT, segment_ids_BT)
+    keys['k_BSKH'] = jnp.concatenate([keys['c_BSR'], keys['k_rope_BSH']], -1)[:, :, None]
+    keys['v_BSKH'] = keys['c_BSR'][:, :, None]
+    out_lat_BTNR, aux = attend(cfg, q_BTNH, keys, iq_BTIH, iw_BTI, positions_BT, segment_ids_BT,
+                               scale=mla.softmax_scale(cfg), training=cache is None)
     out_BTNH = jnp.einsum('BTNR,RNH->BTNH', out_lat_BTNR.astype(dtype), p['w_v_RNH'])
-    aux = {}
-    if cache is None:
-      kl = kl / jnp.maximum(count, 1.0)
-      aux = {'loss/indexer_kl': s.kl_weight * kl, 'dsa/kl': kl}
-      if s.stage == 'warmup':
-        aux['dsa/attention_mass'] = mass / jnp.maximum(count, 1.0)
     return self.output(x_BTD, out_BTNH), aux, cache
+
+
+class DSAGQAttention(attention.Attention):
+  """DSA over GQA (`attention.kind='mha'`): `A`'s projections, QK-norm, RoPE and output gate,
+  each query attending to the top-k keys of the lightning indexer (queries from x), every
+  head the same keys; the indexer, stages, impls and cache as `DSAttention`'s."""
+  DEFAULTS = {**attention.DEFAULTS, **DEFAULTS}
+  IGNORES = ('attention.window', 'attention.mla', 'attention.impl', 'attention.causal_block')
+  RESUMABLE = DSAttention.RESUMABLE
+  TRAINING_ONLY = DSAttention.TRAINING_ONLY
+  BIDIRECTIONAL = False
+  BLOCK_DIFFUSION = False
+
+  @classmethod
+  def select(cls, cfg) -> type:
+    return DSAttention.select(cfg)
+
+  @classmethod
+  def variants(cls) -> tuple[type, ...]:
+    return ()
+
+  @classmethod
+  def validate(cls, cfg):
+    super().validate(cfg)
+    validate_dsa(cfg, 'DSA over GQA')
+
+  @classmethod
+  def canonical(cls, fields: dict) -> dict:
+    """`dsa.index_rope_dim=0` is half of `dsa.index_head_dim`."""
+    if not fields.get('dsa.index_rope_dim') and 'dsa.index_head_dim' in fields:
+      fields = dict(fields, **{'dsa.index_rope_dim': fields['dsa.index_head_dim'] // 2})
+    return fields
+
+  @classmethod
+  def flops_per_token(cls, cfg, seq_len: int) -> float:
+    """Forward FLOPs per token: `A`'s projections and gate, scores and values over
+    min(topk, row) keys (the whole row in the warm-up), 4 X N H, and the indexer."""
+    d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, attention.head_dim(cfg)
+    s = cfg.dsa
+    projections = 2 * d * h * (2 * n + 2 * k)
+    gate = {'none': 0, 'headwise': 2 * d * n, 'elementwise': 2 * d * n * h}[cfg.attention.output_gate]
+    keys = seq_len if s.stage == 'warmup' else min(s.topk, seq_len)
+    return float(projections + gate + 4 * keys * n * h
+                 + cls.indexer_flops_per_token(cfg, seq_len))
+
+  @classmethod
+  def indexer_flops_per_token(cls, cfg, seq_len: int) -> float:
+    """The lightning indexer's share of `flops_per_token` (queries from x)."""
+    return indexer_flops_per_token(cfg, seq_len, cfg.d_model)
+
+  @classmethod
+  def xla_counts_once(cls, cfg, seq_len: int) -> bool:
+    return seq_len > cfg.dsa.block  # the query blocks are a lax.map loop
+
+  @classmethod
+  def init_cache(cls, cfg, batch: int, max_len: int):
+    """`A`'s keys and values plus the indexer key of every token."""
+    cache = super().init_cache(cfg, batch, max_len)
+    cache['k_index_BSH'] = jnp.zeros((batch, max_len, cfg.dsa.index_head_dim),
+                                     attention.cache_dtype(cfg))
+    return cache
+
+  @nn.compact
+  def __call__(self, x_BTD, *, positions_BT, segment_ids_BT, cache=None):
+    cfg = self.cfg
+    dtype = common.dtype_of(cfg.dtype)
+    q_BTNH, k_BTKH, v_BTKH = self.project(x_BTD, positions_BT)
+    iq_BTIH, iw_BTI, ik_BTH = Indexer(cfg, name='indexer')(jax.lax.stop_gradient(x_BTD), None,
+                                                           positions_BT)
+    keys = {'k_BSKH': k_BTKH, 'v_BSKH': v_BTKH, 'k_index_BSH': ik_BTH, 'pos_BS': positions_BT,
+            'seg_BS': segment_ids_BT}
+    if cache is not None:
+      keys, cache = attention.cache_write(cache, keys)
+      keys = {k: v.astype(dtype) if k.startswith(('k_', 'v_')) else v for k, v in keys.items()}
+    scale = cfg.attention.softmax_scale or attention.head_dim(cfg) ** -0.5
+    out_BTNH, aux = attend(cfg, q_BTNH, keys, iq_BTIH, iw_BTI, positions_BT, segment_ids_BT,
+                           scale=scale, training=cache is None)
+    return self.output(x_BTD, out_BTNH.astype(dtype)), aux, cache
