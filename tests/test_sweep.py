@@ -63,7 +63,7 @@ def test_runs_skip_finished_and_record_failures(tmp_path, monkeypatch):
       config='configs/transformer.py', arg='preset=llama_tiny', unit='AF', gated=True, gqa=True,
       overrides={'data.corpus': 'text', 'data.paths': str(tmp_path / 'none' / '*.txt')}))
   sweep = ml_collections.ConfigDict(dict(
-      architectures=['llama', 'broken'], budgets=[3e9], sizes=1, seq_len=32, batch_size=4,
+      architectures=['llama', 'broken'], budgets=[1e9], sizes=1, seq_len=32, batch_size=4,
       seeds=[0], eval_batches=1, widths=[32, 48], max_layers=2, tokens_per_param=20.0))
   sweep_dir = str(tmp_path / 'sweep')
   runs = sweep_lib.plan(arch_compare, sweep, sweep_dir)
@@ -75,7 +75,7 @@ def test_runs_skip_finished_and_record_failures(tmp_path, monkeypatch):
   assert by_name[runs[0].name]['status'] == 'finished'
   assert 'data.paths' in by_name[runs[1].name]['error']
   summary = json.load(open(os.path.join(sweep_dir, 'runs', runs[0].name, 'summary.json')))
-  assert summary['flops'] >= 3e9 and summary['config']['model']['d_model'] == 32
+  assert summary['flops'] >= 1e9 and summary['config']['model']['d_model'] == 32
   # Again: the finished run is skipped, the failed one is tried again.
   sweep_lib.execute(arch_compare, sweep, runs, sweep_dir)
   by_name = {r['name']: r for r in json.load(open(os.path.join(sweep_dir, 'sweep.json')))['runs']}
@@ -84,12 +84,16 @@ def test_runs_skip_finished_and_record_failures(tmp_path, monkeypatch):
 
 
 def test_command_line_print_commands_and_bad_preset(tmp_path):
-  cmd = [sys.executable, '-m', 'experiments.sweep',
-         '--sweep=configs/sweeps/arch_compare.py:preset=quick', f'--dir={tmp_path}',
+  """The micro MQAR sweep (one run: one model to size, where arch_compare's quick preset
+  sizes 18) prints the command the in-process plan makes; test_quick_plan_... counts quick's."""
+  path = 'configs/sweeps/mqar.py:preset=micro'
+  cmd = [sys.executable, '-m', 'experiments.sweep', f'--sweep={path}', f'--dir={tmp_path}',
          '--print_commands']
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120, check=True)
   lines = proc.stdout.strip().splitlines()
-  assert len(lines) == 12 and all('train.py' in line for line in lines)
+  sweep, module = sweep_lib.load_sweep(path)
+  runs = sweep_lib.plan(module, sweep, str(tmp_path))
+  assert lines == [' '.join(r.command) for r in runs] and all('train.py' in line for line in lines)
   assert not os.path.exists(tmp_path / 'sweep.json')
   cmd[3] = '--sweep=configs/sweeps/arch_compare.py:preset=huge'
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -113,14 +117,15 @@ ARCHITECTURES = {
 def get_config(arg=None):
   args = common.parse_arg(arg, depth=1)
   return ml_collections.ConfigDict(dict(
-      architectures=list(ARCHITECTURES), budgets=[3e9], sizes=1, seeds=[0], seq_len=32,
+      architectures=list(ARCHITECTURES), budgets=[1e9], sizes=1, seeds=[0], seq_len=32,
       batch_size=4, eval_batches=1, widths=[32, 48], tokens_per_param=20.0, depth=args.depth))
 
 
 def size_overrides(architecture, width, sweep):
   arch = ARCHITECTURES[architecture]
   fields = {'model.d_model': width, 'model.num_heads': width // 16,
-            'model.num_kv_heads': width // 16, 'model.mlp_dim': 2 * width}
+            'model.num_kv_heads': width // 16, 'model.mlp_dim': 2 * width,
+            'peak_flops': 1e11}  # for MFU: no matmul benchmark at start-up
   if 'window' in arch:
     return {**fields, 'model.pattern': 'WF' * sweep.depth,
             'model.attention.window': arch['window']}

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,14 +89,23 @@ def test_end_to_end_outputs(tmp_path):
     sample.load_run(workdir, step=30)
 
 
-def test_sigkill_then_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
-  flags = ['--config.train.steps=120', '--config.train.checkpoint_every=10',
-           '--config.train.eval_every=1000', '--config.model.d_model=32']
-  straight = str(tmp_path / 'straight')
-  run_train(straight, *flags)
+# The run the SIGKILLed one must equal, also the workdir a run of another model is refused.
+STEPS = 60
+FLAGS = [f'--config.train.steps={STEPS}', '--config.train.checkpoint_every=10',
+         '--config.train.eval_every=1000', '--config.model.d_model=32']
 
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('train') / 'straight')
+  run_train(workdir, *FLAGS)
+  return workdir
+
+
+def test_sigkill_then_resume_is_bitwise_equal_to_uninterrupted(straight, tmp_path):
+  """Killed once its first checkpoint (step 10) is on disk, with 50 steps to go."""
   killed = str(tmp_path / 'killed')
-  proc = subprocess.Popen(train_cmd(killed, *flags), cwd=ROOT, stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(train_cmd(killed, *FLAGS), cwd=ROOT, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   ckpt_dir = os.path.join(killed, 'checkpoints')
   deadline = time.time() + 240
@@ -108,31 +118,32 @@ def test_sigkill_then_resume_is_bitwise_equal_to_uninterrupted(tmp_path):
   assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
   assert not os.path.exists(os.path.join(killed, 'summary.json'))
   resumed_from = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-  assert resumed_from < 120
+  assert resumed_from < STEPS
 
-  run_train(killed, *flags)
+  run_train(killed, *FLAGS)
   step_a, params_a = final_params(straight)
   step_b, params_b = final_params(killed)
-  assert step_a == step_b == 120
+  assert step_a == step_b == STEPS
   a, b = flat(params_a), flat(params_b)
   assert a.keys() == b.keys()
   for key in a:
     assert a[key].tobytes() == b[key].tobytes(), key
 
 
-def test_workdir_with_another_model_is_refused_untouched(tmp_path):
+def test_workdir_with_another_model_is_refused_untouched(straight, tmp_path):
+  """A copy of the d_model=32 run, resumed with the preset's d_model=64."""
   workdir = str(tmp_path / 'run')
-  run_train(workdir, '--config.train.steps=4', '--config.train.checkpoint_every=2')
+  shutil.copytree(straight, workdir)
   # run.lock is the one file a run writes before it reads the workdir: its holder's pid
   def stamps():
     return {p: os.path.getmtime(os.path.join(dp, p)) for dp, _, fs in os.walk(workdir)
             for p in fs if p != 'run.lock'}
   before = stamps()
-  proc = run_train(workdir, '--config.train.steps=4', '--config.model.d_model=32', check=False)
+  proc = run_train(workdir, f'--config.train.steps={STEPS}', check=False)
   assert proc.returncode != 0
   last = proc.stderr.strip().splitlines()[-1]
-  assert 'holds a checkpoint (step 4) of a different model config' in last
-  assert 'model.d_model: 64 in the checkpoint, 32 now' in last and 'to start fresh' in last
+  assert f'holds a checkpoint (step {STEPS}) of a different model config' in last
+  assert 'model.d_model: 32 in the checkpoint, 64 now' in last and 'to start fresh' in last
   assert before == stamps()
 
 
