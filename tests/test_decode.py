@@ -66,22 +66,34 @@ def test_bad_sampler_options_are_one_line(field, value, message):
   assert message in str(e.value) and '\n' not in str(e.value)
 
 
+def init(model, seed, length=8):
+  """`model`'s variables, initialised by one jitted program (op by op is much slower)."""
+  dummy = jnp.zeros((1, length), jnp.int32)
+  return jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(seed), dummy,
+                                                  positions_BT=dummy,
+                                                  segment_ids_BT=dummy + 1)))()
+
+
 @pytest.fixture(scope='module')
 def llama():
   cfg = tiny_model_config('llama_tiny')
   model = models.build(cfg)
-  dummy = jnp.zeros((1, 8), jnp.int32)
-  variables = nn.meta.unbox(model.init(jax.random.key(0), dummy, positions_BT=dummy,
-                                       segment_ids_BT=dummy + 1))
+  variables = init(model, 0)
   # Larger weights: logits spread enough that sampled frequencies are informative.
   variables = jax.tree.map(lambda w: w * 4 if w.ndim > 1 else w, variables)
   return model, variables
 
 
-def full_logits(model, variables, seq):
-  x = jnp.asarray([seq])
-  return model.apply(variables, x, positions_BT=jnp.arange(len(seq))[None],
-                     segment_ids_BT=jnp.ones_like(x))[0][0]
+def full_logits(model, variables, *seqs):
+  """Full-forward logits_BTV of token sequences in one jitted call: rows right-padded to the
+  longest with segment 0, after each row's tokens, where causal attention never looks."""
+  t = max(len(seq) for seq in seqs)
+  tokens_BT, seg_BT = np.zeros((len(seqs), t), np.int32), np.zeros((len(seqs), t), np.int32)
+  for row, seq in enumerate(seqs):
+    tokens_BT[row, :len(seq)], seg_BT[row, :len(seq)] = seq, 1
+  pos_BT = np.broadcast_to(np.arange(t, dtype=np.int32), tokens_BT.shape)
+  return jax.jit(lambda v: model.apply(v, tokens_BT, positions_BT=pos_BT,
+                                       segment_ids_BT=seg_BT)[0])(variables)
 
 
 def test_sampled_frequencies_match_the_models_softmax(llama):
@@ -94,7 +106,7 @@ def test_sampled_frequencies_match_the_models_softmax(llama):
                          steps_per_call=1)
   rows = 4096
   out = gen.generate([prompt] * rows, max_new_tokens=1, seed=3)
-  logits = np.asarray(full_logits(model, variables, prompt)[-1], np.float64)
+  logits = np.asarray(full_logits(model, variables, prompt)[0, -1], np.float64)
   top = np.argsort(-logits)[:8]
   p = np.exp((logits[top] - logits[top].max()) / 0.7)
   p /= p.sum()
@@ -116,9 +128,10 @@ def test_greedy_decoding_is_the_argmax_of_the_full_forward_and_seeds_reproduce(l
                          prefill_chunk=8, steps_per_call=3)
   out = gen.generate(prompts, max_new_tokens=10)
   assert out.finish == ['length'] * 3 and out.new_tokens == 30
-  for p, o in zip(prompts, out.tokens):  # teacher forcing: each token is the argmax before it
-    logits_TV = full_logits(model, variables, p + o)
-    assert np.argmax(np.asarray(logits_TV[len(p) - 1:-1]), -1).tolist() == o
+  # Teacher forcing: each token is the argmax before it.
+  logits_BTV = full_logits(model, variables, *[p + o for p, o in zip(prompts, out.tokens)])
+  for logits_TV, p, o in zip(logits_BTV, prompts, out.tokens):
+    assert np.argmax(np.asarray(logits_TV[len(p) - 1:len(p) + len(o) - 1]), -1).tolist() == o
   sampled = decode.Generator(model, variables, max_len=32, sampler=decode.Sampler(top_p=0.9),
                              prefill_chunk=8, steps_per_call=4)
   a = sampled.generate(prompts, max_new_tokens=12, seed=1).tokens
@@ -130,9 +143,7 @@ def test_a_scanned_model_decodes_unrolled_to_the_same_tokens():
   """`lm.unrolled` splits the stacked layers into the same function, and the Generator's
   default (layers unrolled) decodes what the scan decodes."""
   model = models.build(tiny_model_config('llama_tiny', scan_layers=True))
-  dummy = jnp.zeros((1, 8), jnp.int32)
-  variables = nn.meta.unbox(model.init(jax.random.key(2), dummy, positions_BT=dummy,
-                                       segment_ids_BT=dummy + 1))
+  variables = init(model, 2)
   variables = jax.tree.map(lambda w: w * 4 if w.ndim > 1 else w, variables)
   cfg, flat = lm.unrolled(model.cfg, variables)
   assert not cfg.scan_layers and 'blocks' not in flat['params'] and 'block_1' in flat['params']
@@ -185,7 +196,7 @@ def test_refusals_are_one_line(llama):
 
 # Every attention preset (runlocal size; gpt2_small and llama_small shrink to their tiny
 # versions' layouts, so they are left out; G and M decode in tests/test_deltanet.py and
-# tests/test_mamba2.py), windows shrunk so 20 tokens wrap a ring several times; MoE in dense
+# tests/test_mamba2.py), windows shrunk so 13 tokens wrap a ring several times; MoE in dense
 # dispatch for the full forward (decoding routes every token, as dense does).
 PRESETS = {'gpt2_tiny': {}, 'llama_tiny': {},
            'qwen3_tiny': {}, 'olmo3_tiny': {'attention.window': 4},
@@ -206,16 +217,16 @@ def test_prefill_then_decode_equals_the_full_forward_for_every_preset():
     model = models.build(cfg)
     reference = models.build(tiny_model_config(preset, **dict(fields, **{'moe.dispatch': 'dense'})))
     tokens_BT, pos_BT, seg_BT = packed_batch(jax.random.key(1), b, t, 260, num_segments=1)
-    variables = nn.meta.unbox(model.init(jax.random.key(0), tokens_BT, positions_BT=pos_BT,
-                                         segment_ids_BT=seg_BT))
-    full_BTV = jax.jit(lambda v, m=reference: m.apply(
-        v, tokens_BT, positions_BT=pos_BT, segment_ids_BT=seg_BT)[0])(variables)
+    # The variables (dispatch does not change them) and the full forward: one jitted program.
+    out, boxed = jax.jit(lambda m=reference: m.init_with_output(
+        jax.random.key(0), tokens_BT, positions_BT=pos_BT, segment_ids_BT=seg_BT))()
+    full_BTV, variables = out[0], nn.meta.unbox(boxed)
     apply = jax.jit(lambda x, p, s, c, m=model, v=variables: m.apply(
         v, x, positions_BT=p, segment_ids_BT=s, cache=c))
     window = cfg.attention.window if 'W' in cfg.pattern else 5
+    empty = lm.init_cache(model.cfg, b, t)  # arrays, never updated in place: one for both k
     for k in (0, window):
-      got_BTV, _ = prefill_then_decode(apply, lm.init_cache(model.cfg, b, t), tokens_BT, pos_BT,
-                                       seg_BT, k)
+      got_BTV, _ = prefill_then_decode(apply, empty, tokens_BT, pos_BT, seg_BT, k)
       err = float(jnp.max(jnp.abs(got_BTV - full_BTV)))
       assert err <= 1e-4, f'{preset}: prefill {k} + decode differs by {err:.2e}'
 
@@ -223,22 +234,21 @@ def test_prefill_then_decode_equals_the_full_forward_for_every_preset():
 def test_window_caches_are_rings_of_window_slots_and_can_be_bfloat16():
   from models import lm  # pylint: disable=g-import-not-at-top
   cfg = tiny_model_config('gpt_oss_tiny', **{'attention.window': 8})
-  sizes = lambda c, n: {k: v['k_BSKH'].shape[1] for k, v in lm.init_cache(c, 1, n)['block_0'].items()
+  shapes = lambda c, b, n: jax.eval_shape(lambda: lm.init_cache(c, b, n))  # nothing allocated
+  sizes = lambda c, n: {k: v['k_BSKH'].shape[1] for k, v in shapes(c, 1, n)['block_0'].items()
                         if 'k_BSKH' in v}
   assert sizes(cfg, 64) == {'0W': 8, '2A': 64} and sizes(cfg, 4096) == {'0W': 8, '2A': 4096}
   mla = tiny_model_config('deepseek_v3_tiny', pattern='WFAE', **{'attention.window': 5})
-  caches = lm.init_cache(mla, 1, 100)['block_0']
+  caches = shapes(mla, 1, 100)['block_0']
   assert caches['0W']['c_BSR'].shape[1] == 5 and caches['2A']['c_BSR'].shape[1] == 100
   low = tiny_model_config('llama_tiny', cache_dtype='bfloat16')
-  assert {x.dtype for x in jax.tree.leaves(lm.init_cache(low, 1, 8)) if x.ndim > 2} == {
+  assert {x.dtype for x in jax.tree.leaves(shapes(low, 1, 8)) if x.ndim > 2} == {
       jnp.dtype('bfloat16')}
   with pytest.raises(ValueError, match=r"model.cache_dtype='fp8' is not one of"):
     models.build(tiny_model_config('llama_tiny', cache_dtype='fp8'))
   # bfloat16 storage, float32 compute: greedy tokens of a short generation agree, logits close.
   model, low_model = models.build(tiny_model_config('llama_tiny')), models.build(low)
-  dummy = jnp.zeros((1, 8), jnp.int32)
-  variables = nn.meta.unbox(model.init(jax.random.key(0), dummy, positions_BT=dummy,
-                                       segment_ids_BT=dummy + 1))
+  variables = init(model, 0)
   prompt = [[257, 3, 4, 5, 6, 7]]
   outs = [decode.Generator(m, variables, max_len=24, sampler=decode.Sampler(temperature=0),
                            prefill_chunk=8).generate(prompt, max_new_tokens=8).tokens

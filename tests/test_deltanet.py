@@ -41,17 +41,20 @@ def test_chunked_equals_the_recurrence():
   seg = jnp.asarray(seg)
   state = jax.random.normal(jax.random.key(1), (b, y, p, h))
   state_seg = seg[:, 0]  # the state continues the first document (padding's, in row 1)
-  kw = dict(segment_ids_BT=seg, state_BYPH=state, state_segment_B=state_seg)
-  want_o, want_s, want_seg = jax.jit(lambda *a: deltanet.recurrent(*a, **kw))(q, k, v, g, beta)
+  kw = dict(segment_ids_BT=seg, state_segment_B=state_seg)
+  want_o, want_s, want_seg = jax.jit(lambda *a: deltanet.recurrent(*a, state_BYPH=state, **kw))(
+      q, k, v, g, beta)
   assert float(jnp.abs(want_o).max()) > 0.1
+  # The initial state is an argument, so the zero-state run below reuses chunk 16's compile.
+  chunked = jax.jit(lambda *a, s, c: deltanet.chunked(*a, state_BYPH=s, chunk=c, **kw),
+                    static_argnames='c')
   for chunk in (4, 16, 64):
-    o, s, got_seg = jax.jit(lambda *a, c=chunk: deltanet.chunked(*a, chunk=c, **kw))(
-        q, k, v, g, beta)
+    o, s, got_seg = chunked(q, k, v, g, beta, s=state, c=chunk)
     np.testing.assert_allclose(o, want_o, atol=1e-5, rtol=0, err_msg=f'chunk {chunk}')
     np.testing.assert_allclose(s, want_s, atol=1e-5, rtol=0, err_msg=f'chunk {chunk}')
     np.testing.assert_array_equal(got_seg, want_seg)
   # The initial state matters (and is only read by its own segment).
-  o0, _, _ = deltanet.chunked(q, k, v, g, beta, chunk=16, **dict(kw, state_BYPH=0 * state))
+  o0, _, _ = chunked(q, k, v, g, beta, s=0 * state, c=16)
   assert float(jnp.abs(o0 - want_o)[:, :3].max()) > 1e-2
   np.testing.assert_allclose(o0[1, 20:], want_o[1, 20:], atol=1e-5)
 
@@ -79,16 +82,18 @@ def test_gradients_equal_the_recurrences_and_finite_differences():
             state_segment_B=jnp.ones((b,), jnp.int32))
   weights = jax.random.normal(jax.random.key(3), (b, t, y, h))
   loss = lambda fn: lambda *a: jnp.sum(fn(*a, **kw)[0] * weights) + jnp.sum(fn(*a, **kw)[1])
-  chunked = jax.jit(loss(lambda *a, **k: deltanet.chunked(*a, chunk=4, **k)))
+  # One compile of the chunked loss and its gradients, for the gradients and the differences.
+  chunked = jax.jit(jax.value_and_grad(loss(lambda *a, **k: deltanet.chunked(*a, chunk=4, **k)),
+                                       argnums=range(5)))
   want = jax.jit(jax.grad(loss(deltanet.recurrent), argnums=range(5)))(*args)
-  got = jax.jit(jax.grad(chunked, argnums=range(5)))(*args)
+  _, got = chunked(*args)
   for name, w, g in zip('q k v g beta'.split(), want, got):
     np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=name)
   # Finite differences along a random direction of every input at once.
   direction = [jax.random.normal(jax.random.key(10 + i), a.shape) for i, a in enumerate(args)]
   eps = 1e-2
-  plus = chunked(*[a + eps * d for a, d in zip(args, direction)])
-  minus = chunked(*[a - eps * d for a, d in zip(args, direction)])
+  plus, _ = chunked(*[a + eps * d for a, d in zip(args, direction)])
+  minus, _ = chunked(*[a - eps * d for a, d in zip(args, direction)])
   numeric = (plus - minus) / (2 * eps)
   analytic = sum(jnp.sum(g * d) for g, d in zip(got, direction))
   np.testing.assert_allclose(analytic, numeric, rtol=2e-2)
@@ -102,11 +107,15 @@ def test_strongest_decay_on_a_long_row_stays_finite():
   g = jnp.full((b, t, y), -1e3 * 1.7, jnp.float32)  # -exp(A_log) softplus(...) at its largest
   kw = dict(segment_ids_BT=jnp.ones((b, t), jnp.int32), state_BYPH=jnp.zeros((b, y, p, h)),
             state_segment_B=jnp.ones((b,), jnp.int32))
-  o, s, _ = jax.jit(lambda *a: deltanet.chunked(*a, chunk=64, **kw))(q, k, v, g, beta)
+
+  def loss(g):  # outputs, state and the gradient in one compile
+    o, s, _ = deltanet.chunked(q, k, v, g, beta, chunk=64, **kw)
+    return jnp.sum(o), (o, s)
+
+  (_, (o, s)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(g)
   want_o, _, _ = jax.jit(lambda *a: deltanet.recurrent(*a, **kw))(q, k, v, g, beta)
   assert bool(jnp.all(jnp.isfinite(o))) and bool(jnp.all(jnp.isfinite(s)))
   np.testing.assert_allclose(o, want_o, atol=1e-5)
-  grads = jax.jit(jax.grad(lambda g: jnp.sum(deltanet.chunked(q, k, v, g, beta, chunk=64, **kw)[0])))(g)
   assert bool(jnp.all(jnp.isfinite(grads)))
 
 
@@ -120,41 +129,63 @@ def _sublayer(**fields):
                                                  ('gate_then_norm', True)])
 def test_packed_documents_equal_each_alone_and_bfloat16_is_close(gate_norm, negative):
   """Two documents packed in one row give each document's outputs alone (state and
-  convolution reset at the boundary); bfloat16 compute stays within 2e-2 of float32."""
+  convolution reset at the boundary); bfloat16 compute stays within 2e-2 of float32.
+
+  One batch, one compile: row 0 packs documents of 13 and 8 tokens; row 1 is the first
+  alone, row 2 the second alone, each at the start of its row before padding (segment 0;
+  causal, so the padding after a document cannot change its outputs)."""
   fields = {'deltanet.gate_norm': gate_norm, 'deltanet.negative_eigenvalues': negative}
   cfg, layer = _sublayer(**fields)
-  x_BTD = jax.random.normal(jax.random.key(0), (1, 21, cfg.d_model))
-  seg_BT = jnp.asarray([[1] * 13 + [2] * 8])
-  variables = layer.init(jax.random.key(1), x_BTD, positions_BT=seg_BT, segment_ids_BT=seg_BT)
-  apply = jax.jit(lambda x, s, m=layer: m.apply(variables, x, positions_BT=s, segment_ids_BT=s)[0])
-  packed = apply(x_BTD, seg_BT)
-  first = apply(x_BTD[:, :13], seg_BT[:, :13])
-  second = apply(x_BTD[:, 13:], jnp.ones((1, 8), jnp.int32))
-  np.testing.assert_allclose(packed, jnp.concatenate([first, second], 1), atol=1e-5)
+  x_TD = jax.random.normal(jax.random.key(0), (1, 21, cfg.d_model))[0]
+  pad = lambda x, n: jnp.pad(x, ((0, n), (0, 0)))
+  x_BTD = jnp.stack([x_TD, pad(x_TD[:13], 8), pad(x_TD[13:], 13)])
+  seg_BT = jnp.asarray([[1] * 13 + [2] * 8, [1] * 13 + [0] * 8, [1] * 8 + [0] * 13])
+  # init_with_output: the variables and the float32 outputs of one jitted program.
+  out, variables = jax.jit(lambda x, s: layer.init_with_output(
+      jax.random.key(1), x, positions_BT=s, segment_ids_BT=s))(x_BTD, seg_BT)
+  out_BTD = out[0]
+  packed = out_BTD[0]
+  np.testing.assert_allclose(packed, jnp.concatenate([out_BTD[1, :13], out_BTD[2, :8]]),
+                             atol=1e-5)
   assert float(jnp.abs(packed).max()) > 1e-3
   _, bf16 = _sublayer(dtype='bfloat16', **fields)
-  low = jax.jit(lambda x: bf16.apply(variables, x, positions_BT=seg_BT,
-                                     segment_ids_BT=seg_BT)[0])(x_BTD)
+  low = jax.jit(lambda x, s: bf16.apply(variables, x, positions_BT=s, segment_ids_BT=s)[0])(
+      x_BTD[:1], seg_BT[:1])[0]
   err = float(jnp.abs(low.astype(jnp.float32) - packed).max() / jnp.abs(packed).max())
   assert err <= 2e-2, err
 
 
+def _qwen3_next(dtype):
+  return tiny_model_config('qwen3_next_tiny', dtype=dtype, scan_layers=True, pattern='GEAE' * 2,
+                           **{'deltanet.chunk': 8, 'moe.dispatch': 'dense'})
+
+
+@pytest.fixture(scope='module')
+def qwen3_next_rows():
+  """Two rows of 19 tokens (left padding in the second, as the Generator lays it), the
+  float32 model's variables and its full-forward logits (one jitted init_with_output; the
+  bfloat16 model has the same float32 parameters)."""
+  b, t = 2, 19
+  tokens_BT, pos_BT, seg_BT = packed_batch(jax.random.key(1), b, t, 260, num_segments=1)
+  seg_BT = seg_BT.at[1, :4].set(0)
+  model = models.build(_qwen3_next('float32'))
+  out, boxed = jax.jit(lambda: model.init_with_output(
+      jax.random.key(0), tokens_BT, positions_BT=pos_BT, segment_ids_BT=seg_BT))()
+  return (tokens_BT, pos_BT, seg_BT), nn.meta.unbox(boxed), out[0]
+
+
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-def test_prefill_then_decode_equals_the_full_forward(dtype):
+def test_prefill_then_decode_equals_the_full_forward(qwen3_next_rows, dtype):
   """qwen3_next_tiny's layers (G, gated attention, MoE), two blocks scanned: a prefill of 11
   tokens (a chunk and a part) then one token a step == the full forward, <= 1e-4 in float32
   and within 0.2% (relative norm) in bfloat16. The cache is the same size whatever the
   length decoded."""
-  b, t = 2, 19
-  cfg = tiny_model_config('qwen3_next_tiny', dtype=dtype, scan_layers=True, pattern='GEAE' * 2,
-                          **{'deltanet.chunk': 8, 'moe.dispatch': 'dense'})
-  model = models.build(cfg)
-  tokens_BT, pos_BT, seg_BT = packed_batch(jax.random.key(1), b, t, 260, num_segments=1)
-  seg_BT = seg_BT.at[1, :4].set(0)  # left padding in the second row, as the Generator lays it
-  variables = nn.meta.unbox(model.init(jax.random.key(0), tokens_BT, positions_BT=pos_BT,
-                                       segment_ids_BT=seg_BT))
-  full_BTV = jax.jit(lambda v: model.apply(v, tokens_BT, positions_BT=pos_BT,
-                                           segment_ids_BT=seg_BT)[0])(variables)
+  (tokens_BT, pos_BT, seg_BT), variables, full_BTV = qwen3_next_rows
+  b, t = tokens_BT.shape
+  model = models.build(_qwen3_next(dtype))
+  if dtype != 'float32':
+    full_BTV = jax.jit(lambda v: model.apply(v, tokens_BT, positions_BT=pos_BT,
+                                             segment_ids_BT=seg_BT)[0])(variables)
   apply = jax.jit(lambda x, p, s, c: model.apply(variables, x, positions_BT=p, segment_ids_BT=s,
                                                  cache=c))
   got_BTV, cache = prefill_then_decode(apply, lm.init_cache(model.cfg, b, t), tokens_BT, pos_BT,
@@ -169,7 +200,7 @@ def test_prefill_then_decode_equals_the_full_forward(dtype):
     assert err <= 2e-3, f'bfloat16 prefill + decode differs by {100 * err:.2f}% (relative norm)'
   g_cache = [v for path, v in jax.tree_util.tree_leaves_with_path(cache)
              if '0G' in jax.tree_util.keystr(path)]
-  longer = lm.init_cache(model.cfg, b, 4 * t)
+  longer = jax.eval_shape(lambda: lm.init_cache(model.cfg, b, 4 * t))  # shapes only
   g_longer = [v for path, v in jax.tree_util.tree_leaves_with_path(longer)
               if '0G' in jax.tree_util.keystr(path)]
   assert g_cache and [a.shape for a in g_cache] == [a.shape for a in g_longer]
@@ -195,7 +226,8 @@ def test_flops_per_token_match_xla_on_one_chunk():
   t = 64
   x_BTD = jnp.ones((1, t, cfg.d_model))
   seg_BT = jnp.ones((1, t), jnp.int32)
-  variables = layer.init(jax.random.key(0), x_BTD, positions_BT=seg_BT, segment_ids_BT=seg_BT)
+  variables = jax.eval_shape(lambda: layer.init(  # shapes are all the count needs
+      jax.random.key(0), x_BTD, positions_BT=seg_BT, segment_ids_BT=seg_BT))
   fn = jax.jit(lambda v, x: layer.apply(v, x, positions_BT=seg_BT, segment_ids_BT=seg_BT)[0])
   cost = fn.lower(variables, x_BTD).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost

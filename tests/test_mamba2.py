@@ -50,10 +50,20 @@ def problem():
   return inputs, state
 
 
-@pytest.mark.parametrize('chunk', [4, 16])  # 13 = 3 x 4 + 1; one chunk longer than the row
-def test_chunked_equals_the_recurrence(problem, chunk):
+@pytest.fixture(scope='module')
+def recurrence(problem):
+  """The recurrence's outputs and final state from the initial state, and its outputs from
+  none (computed once for every chunk length)."""
   inputs, state = problem
   want_BTNH, want = jax.jit(lambda *a: mamba2.ssd_recurrent(*a, SEGMENTS, state=state))(*inputs)
+  zero_BTNH, _ = jax.jit(lambda *a: mamba2.ssd_recurrent(*a, SEGMENTS))(*inputs)
+  return want_BTNH, want, zero_BTNH
+
+
+@pytest.mark.parametrize('chunk', [4, 16])  # 13 = 3 x 4 + 1; one chunk longer than the row
+def test_chunked_equals_the_recurrence(problem, recurrence, chunk):
+  inputs, state = problem
+  want_BTNH, want, zero_BTNH = recurrence
   got_BTNH, got = jax.jit(lambda *a: mamba2.ssd_chunked(*a, SEGMENTS, state=state, chunk=chunk))(
       *inputs)
   np.testing.assert_allclose(got_BTNH, want_BTNH, atol=1e-5, rtol=0)
@@ -61,7 +71,6 @@ def test_chunked_equals_the_recurrence(problem, chunk):
   np.testing.assert_array_equal(got['segment_B'], [2, 1])
   np.testing.assert_array_equal(want['segment_B'], [2, 1])
   # The initial state matters where its segment continues (row 0's first document) only.
-  zero_BTNH, _ = jax.jit(lambda *a: mamba2.ssd_recurrent(*a, SEGMENTS))(*inputs)
   moved_BT = np.abs(np.asarray(want_BTNH - zero_BTNH)).max(axis=(2, 3)) > 1e-6
   np.testing.assert_array_equal(moved_BT, SEGMENTS == np.array([[1], [0]]))
 
@@ -78,14 +87,15 @@ def test_gradients_equal_central_differences(problem):
     return jnp.sum(y_BTNH * w_BTNH) + jnp.sum(final['ssm_BNHP'] * w_BNHP)
 
   args = (*inputs, state['ssm_BNHP'])
-  chunked = jax.jit(loss)
-  grads = jax.jit(jax.grad(chunked, argnums=tuple(range(6))))(*args)
+  # One compile of the loss and its gradients, for the gradients and the differences.
+  chunked = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))
+  _, grads = chunked(*args)
   eps = 1e-2
   for i, g in enumerate(grads):  # along a random direction of each input
     v = rng.normal(size=np.shape(args[i])).astype(np.float32)
     plus = [a + eps * v if j == i else a for j, a in enumerate(args)]
     minus = [a - eps * v if j == i else a for j, a in enumerate(args)]
-    numeric = (float(chunked(*plus)) - float(chunked(*minus))) / (2 * eps)
+    numeric = (float(chunked(*plus)[0]) - float(chunked(*minus)[0])) / (2 * eps)
     analytic = float(jnp.sum(g * v))
     assert abs(numeric - analytic) <= 2e-3 * max(1.0, abs(analytic)), (i, numeric, analytic)
 

@@ -38,17 +38,22 @@ def model_config(name, **overrides):
   return tiny_model_config('llama_tiny', **fields)
 
 
+@functools.lru_cache(maxsize=None)
 def batch():
   tokens_BT, positions_BT, segments_BT = packed_batch(jax.random.key(0), 4, 16, VOCAB)
   return {'inputs': tokens_BT, 'targets': jnp.roll(tokens_BT, -1, 1), 'positions': positions_BT,
           'segment_ids': segments_BT, 'weights': jnp.ones(tokens_BT.shape, jnp.float32)}
 
 
-def init_variables(config):
+def init_variables(config, shapes_only=False):
+  """The model's variables, initialised by one jitted program (op by op is much slower);
+  `shapes_only`: their shapes and dtypes only (jax.eval_shape, nothing compiled)."""
   b = batch()
   model = models.build(config)
-  return nn.meta.unbox(model.init(jax.random.key(1), b['inputs'], positions_BT=b['positions'],
-                                  segment_ids_BT=b['segment_ids']))
+  init = lambda: nn.meta.unbox(model.init(jax.random.key(1), b['inputs'],
+                                          positions_BT=b['positions'],
+                                          segment_ids_BT=b['segment_ids']))
+  return jax.eval_shape(init) if shapes_only else jax.jit(init)()
 
 
 def unrolled_to_scanned(tree, repeats):
@@ -126,7 +131,7 @@ def test_remat_policies_trade_memory_as_named():
   temp = {}
   for remat in lm.REMAT_POLICIES:
     config = model_config('llama', remat=remat, d_model=64, mlp_dim=256)
-    variables = init_variables(config)
+    variables = init_variables(config, shapes_only=True)
     model = models.build(config)
 
     def loss_fn(params):
@@ -142,7 +147,7 @@ def test_remat_policies_trade_memory_as_named():
 def test_bfloat16_compute_gives_the_float32_loss_within_tolerance(param_dtype):
   variables, (ref_loss, ref_grads, _) = reference('llama')
   low = model_config('llama', scan_layers=False, dtype='bfloat16', param_dtype=param_dtype)
-  low_variables = init_variables(low)
+  low_variables = init_variables(low, shapes_only=True)
   assert {x.dtype for x in jax.tree.leaves(low_variables)} == {jnp.dtype(param_dtype)}
   variables = jax.tree.map(lambda x: x.astype(param_dtype), variables)  # the same weights
   model = models.build(low)
