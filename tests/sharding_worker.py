@@ -288,7 +288,8 @@ def task_decode(args) -> dict:
     config.model.vocab_size = 260
     model = models.build(config.model)
     dummy = jax.numpy.zeros((1, 8), jax.numpy.int32)
-    boxed = model.init(jax.random.key(0), dummy, positions_BT=dummy, segment_ids_BT=dummy + 1)
+    boxed = jax.jit(lambda r: model.init(r, dummy, positions_BT=dummy,  # not op by op
+                                         segment_ids_BT=dummy + 1))(jax.random.key(0))
     variables = nn.meta.unbox(boxed)
     results = {}
     for preset in ['single'] + args.cases.split(','):
