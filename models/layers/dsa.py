@@ -281,8 +281,26 @@ def indexer_flops_per_token(cfg, seq_len: int, q_src: int) -> float:
                + 2 * seq_len * heads * dim + 2 * seq_len * heads)
 
 
+class IndexedCache:
+  """What `S` over MLA and over GQA share beyond the module functions: their query blocks are
+  a `lax.map` loop, and their decode cache is the attention's plus each token's indexer key."""
+
+  @classmethod
+  def xla_counts_once(cls, cfg, seq_len: int) -> bool:
+    return seq_len > cfg.dsa.block  # the query blocks are a lax.map loop
+
+  @classmethod
+  def init_cache(cls, cfg, batch: int, max_len: int):
+    """The attention's cache (MLA's latent, or `A`'s keys and values) plus the indexer key
+    of every token."""
+    cache = super().init_cache(cfg, batch, max_len)
+    cache['k_index_BSH'] = jnp.zeros((batch, max_len, cfg.dsa.index_head_dim),
+                                     attention.cache_dtype(cfg))
+    return cache
+
+
 @models.register_sublayer('S')
-class DSAttention(mla.MLAttention):
+class DSAttention(IndexedCache, mla.MLAttention):
   """DSA: MLA over the top-k keys of the lightning indexer (module docstring)."""
   DEFAULTS = {**attention.DEFAULTS, **DEFAULTS}
   IGNORES = ('attention.window',)
@@ -342,18 +360,6 @@ class DSAttention(mla.MLAttention):
     """The lightning indexer's share of `flops_per_token` (queries from the q latent)."""
     return indexer_flops_per_token(cfg, seq_len, cfg.attention.mla.q_rank or cfg.d_model)
 
-  @classmethod
-  def xla_counts_once(cls, cfg, seq_len: int) -> bool:
-    return seq_len > cfg.dsa.block  # the query blocks are a lax.map loop
-
-  @classmethod
-  def init_cache(cls, cfg, batch: int, max_len: int):
-    """MLA's latent cache plus the indexer key of every token."""
-    cache = super().init_cache(cfg, batch, max_len)
-    cache['k_index_BSH'] = jnp.zeros((batch, max_len, cfg.dsa.index_head_dim),
-                                     attention.cache_dtype(cfg))
-    return cache
-
   @nn.compact
   def __call__(self, x_BTD, *, positions_BT, segment_ids_BT, cache=None):
     cfg = self.cfg
@@ -379,7 +385,7 @@ class DSAttention(mla.MLAttention):
     return self.output(x_BTD, out_BTNH), aux, cache
 
 
-class DSAGQAttention(attention.Attention):
+class DSAGQAttention(IndexedCache, attention.Attention):
   """DSA over GQA (`attention.kind='mha'`): `A`'s projections, QK-norm, RoPE and output gate,
   each query attending to the top-k keys of the lightning indexer (queries from x), every
   head the same keys; the indexer, stages, impls and cache as `DSAttention`'s."""
@@ -426,18 +432,6 @@ class DSAGQAttention(attention.Attention):
   def indexer_flops_per_token(cls, cfg, seq_len: int) -> float:
     """The lightning indexer's share of `flops_per_token` (queries from x)."""
     return indexer_flops_per_token(cfg, seq_len, cfg.d_model)
-
-  @classmethod
-  def xla_counts_once(cls, cfg, seq_len: int) -> bool:
-    return seq_len > cfg.dsa.block  # the query blocks are a lax.map loop
-
-  @classmethod
-  def init_cache(cls, cfg, batch: int, max_len: int):
-    """`A`'s keys and values plus the indexer key of every token."""
-    cache = super().init_cache(cfg, batch, max_len)
-    cache['k_index_BSH'] = jnp.zeros((batch, max_len, cfg.dsa.index_head_dim),
-                                     attention.cache_dtype(cfg))
-    return cache
 
   @nn.compact
   def __call__(self, x_BTD, *, positions_BT, segment_ids_BT, cache=None):
