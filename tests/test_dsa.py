@@ -180,12 +180,10 @@ def test_packed_documents_equal_each_alone(layer_setup):
   np.testing.assert_allclose(packed, jnp.concatenate([first, second], 1), atol=1e-5)
 
 
-def test_prefill_then_decode_equals_the_full_forward():
-  """Two scanned `SF` blocks, topk=6 over 19-token rows (left padding in one): a prefill of
-  11 tokens then one token a step == the full forward (<= 1e-4), each step selecting top-k
-  over the cached indexer keys."""
+def _decode_matches_full_forward(cfg):
+  """Prefill of 11 tokens then one a step over 2 rows of 19 (one left-padded) == the full
+  forward (<= 1e-4); returns the cache it started from."""
   b, t = 2, 19
-  cfg = _cfg(pattern='SF' * 2, scan_layers=True, **{'dsa.topk': 6})
   model = models.build(cfg)
   tokens_BT, pos_BT, seg_BT = packed_batch(jax.random.key(1), b, t, 260, num_segments=1)
   seg_BT = seg_BT.at[1, :4].set(0)
@@ -197,11 +195,20 @@ def test_prefill_then_decode_equals_the_full_forward():
   apply = jax.jit(lambda x, p, s, c: model.apply(variables, x, positions_BT=p, segment_ids_BT=s,
                                                  cache=c))
   cache = lm.init_cache(model.cfg, b, t)
-  assert cache['blocks']['0S']['k_index_BSH'].shape == (2, b, t, cfg.dsa.index_head_dim)
   got_BTV, _ = prefill_then_decode(apply, cache, tokens_BT, pos_BT, seg_BT, 11)
   real = np.asarray(seg_BT)[..., None] > 0
   err = float(jnp.max(jnp.abs(jnp.where(real, got_BTV - full_BTV, 0))))
   assert err <= 1e-4, f'prefill + decode differs by {err:.2e}'
+  return cache
+
+
+def test_prefill_then_decode_equals_the_full_forward():
+  """Two scanned `SF` blocks, topk=6 over 19-token rows (left padding in one): a prefill of
+  11 tokens then one token a step == the full forward (<= 1e-4), each step selecting top-k
+  over the cached indexer keys."""
+  cfg = _cfg(pattern='SF' * 2, scan_layers=True, **{'dsa.topk': 6})
+  cache = _decode_matches_full_forward(cfg)
+  assert cache['blocks']['0S']['k_index_BSH'].shape == (2, 2, 19, cfg.dsa.index_head_dim)
 
 
 @pytest.mark.parametrize('field,value,message', [
@@ -280,26 +287,11 @@ def test_over_gqa_gather_equals_dense_and_prefill_then_decode_equals_the_full_fo
     scale = float(jnp.abs(b).max()) + 1e-6
     np.testing.assert_allclose(a / scale, b / scale, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
-  b, t = 2, 19
   cfg = _gqa_cfg(pattern='SF' * 2, scan_layers=True, **{'dsa.topk': 6})
-  model = models.build(cfg)
-  tokens_BT, pos_BT, seg_BT = packed_batch(jax.random.key(1), b, t, 260, num_segments=1)
-  seg_BT = seg_BT.at[1, :4].set(0)
-  pos_BT = pos_BT.at[1].set(jnp.maximum(pos_BT[1] - 4, 0))
-  variables = jax.jit(lambda t: nn.meta.unbox(model.init(
-      jax.random.key(0), t, positions_BT=pos_BT, segment_ids_BT=seg_BT)))(tokens_BT)
-  full_BTV = jax.jit(lambda v: model.apply(v, tokens_BT, positions_BT=pos_BT,
-                                           segment_ids_BT=seg_BT)[0])(variables)
-  apply = jax.jit(lambda x, p, s, c: model.apply(variables, x, positions_BT=p, segment_ids_BT=s,
-                                                 cache=c))
-  cache = lm.init_cache(model.cfg, b, t)
-  assert cache['blocks']['0S']['k_index_BSH'].shape == (2, b, t, cfg.dsa.index_head_dim)
+  cache = _decode_matches_full_forward(cfg)
   h = attention.head_dim(cfg)
-  assert cache['blocks']['0S']['k_BSKH'].shape == (2, b, t, cfg.num_kv_heads, h)
-  got_BTV, _ = prefill_then_decode(apply, cache, tokens_BT, pos_BT, seg_BT, 11)
-  real = np.asarray(seg_BT)[..., None] > 0
-  err = float(jnp.max(jnp.abs(jnp.where(real, got_BTV - full_BTV, 0))))
-  assert err <= 1e-4, f'prefill + decode differs by {err:.2e}'
+  assert cache['blocks']['0S']['k_index_BSH'].shape == (2, 2, 19, cfg.dsa.index_head_dim)
+  assert cache['blocks']['0S']['k_BSKH'].shape == (2, 2, 19, cfg.num_kv_heads, h)
   # Its FLOPs: A's with min(topk, row) keys, plus the indexer.
   a_cfg = _gqa_cfg(pattern='AF')
   flops = dsa.DSAGQAttention.flops_per_token(cfg, 64)

@@ -418,15 +418,10 @@ class DSAGQAttention(IndexedCache, attention.Attention):
 
   @classmethod
   def flops_per_token(cls, cfg, seq_len: int) -> float:
-    """Forward FLOPs per token: `A`'s projections and gate, scores and values over
-    min(topk, row) keys (the whole row in the warm-up), 4 X N H, and the indexer."""
-    d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, attention.head_dim(cfg)
-    s = cfg.dsa
-    projections = 2 * d * h * (2 * n + 2 * k)
-    gate = {'none': 0, 'headwise': 2 * d * n, 'elementwise': 2 * d * n * h}[cfg.attention.output_gate]
-    keys = seq_len if s.stage == 'warmup' else min(s.topk, seq_len)
-    return float(projections + gate + 4 * keys * n * h
-                 + cls.indexer_flops_per_token(cfg, seq_len))
+    """Forward FLOPs per token: `A`'s count over min(topk, row) keys (the whole row in the
+    warm-up), plus the indexer."""
+    keys = seq_len if cfg.dsa.stage == 'warmup' else min(cfg.dsa.topk, seq_len)
+    return super().flops_per_token(cfg, keys) + cls.indexer_flops_per_token(cfg, seq_len)
 
   @classmethod
   def indexer_flops_per_token(cls, cfg, seq_len: int) -> float:
