@@ -39,8 +39,8 @@ def run(task: str, *args: str, devices: int = 8, timeout: int = 1800) -> dict:
   """Runs a task of this module in a fresh process with `devices` CPU devices; its JSON."""
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, 'out.json')
-    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
-    env.pop('XLA_FLAGS', None)
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
+               XLA_FLAGS=without_device_count(os.environ.get('XLA_FLAGS', '')))
     cmd = [sys.executable, '-m', 'tests.sharding_worker', task, f'--out={out}',
            f'--devices={devices}', *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
@@ -50,9 +50,15 @@ def run(task: str, *args: str, devices: int = 8, timeout: int = 1800) -> dict:
       return json.load(f)
 
 
+def without_device_count(xla_flags: str) -> str:
+  """XLA_FLAGS less any forced device count (the suite's compile flags stay)."""
+  return re.sub(r'--xla_force_host_platform_device_count=\d+', '', xla_flags).strip()
+
+
 if __name__ == '__main__':  # before jax is imported
   _devices = next((a.split('=')[1] for a in sys.argv if a.startswith('--devices=')), '8')
-  os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={_devices}'
+  os.environ['XLA_FLAGS'] = (f"{without_device_count(os.environ.get('XLA_FLAGS', ''))} "
+                             f'--xla_force_host_platform_device_count={_devices}').strip()
   os.environ['JAX_PLATFORMS'] = 'cpu'
 
 # pylint: disable=wrong-import-position

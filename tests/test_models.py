@@ -16,12 +16,14 @@ from tests.conftest import packed_batch, pairwise, tiny_model_config
 
 
 def init_and_apply(config, tokens_BT, positions_BT, segment_ids_BT, seed=0):
+  """Jitted: run op by op, a tiny model's init and forward compile some 200 primitives."""
   model = models.build(config)
-  variables = model.init(jax.random.key(seed), tokens_BT, positions_BT=positions_BT,
-                         segment_ids_BT=segment_ids_BT)
-  params = nn.meta.unbox(variables['params'])
-  logits_BTV, aux, _ = model.apply({'params': params}, tokens_BT, positions_BT=positions_BT,
-                                segment_ids_BT=segment_ids_BT)
+  params = jax.jit(lambda r, x, p, s: nn.meta.unbox(model.init(
+      r, x, positions_BT=p, segment_ids_BT=s)['params']))(
+          jax.random.key(seed), tokens_BT, positions_BT, segment_ids_BT)
+  logits_BTV, aux, _ = jax.jit(lambda v, x, p, s: model.apply(
+      v, x, positions_BT=p, segment_ids_BT=s))({'params': params}, tokens_BT, positions_BT,
+                                               segment_ids_BT)
   return model, params, logits_BTV, aux
 
 
@@ -45,7 +47,7 @@ def test_option_sweep_shapes_finite_and_gradients(preset, scan, position, norm, 
     out, _, _ = model.apply({'params': p}, tokens_BT, positions_BT=pos_BT, segment_ids_BT=seg_BT)
     return jnp.mean(jax.nn.logsumexp(out, -1) - jnp.take_along_axis(out, tokens_BT[..., None], -1)[..., 0])
 
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
   assert all(np.isfinite(norms)) and sum(norms) > 0
 

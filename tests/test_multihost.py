@@ -19,6 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests import sharding_worker
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_SEC = 240  # the whole run takes about a minute on 2 cores; this only stops a hang
 RTOL = 1e-5
@@ -58,7 +60,8 @@ def environment(cache, devices, **extra):
          if not k.startswith(('JAX_COORDINATOR', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID',
                               'SLURM_', 'TPU_WORKER'))}
   env.update(JAX_PLATFORMS='cpu', JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo', ARCHLAB_CACHE=cache,
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', **extra)
+             XLA_FLAGS=(f"{sharding_worker.without_device_count(os.environ.get('XLA_FLAGS', ''))} "
+                        f'--xla_force_host_platform_device_count={devices}').strip(), **extra)
   return env
 
 
