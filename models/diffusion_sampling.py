@@ -30,7 +30,8 @@ written to the attention caches one block per call (each sees the cache and itse
 block-causal, as the clean half of training sees it), and the current block is denoised by
 calls that read the cache without writing it (the noisy block sees the clean prefix and itself,
 BD3-LM's mask). One extra evaluation per block writes it. The inner sampler is any of the
-above, with `steps` split evenly over the blocks that hold MASKs.
+above, with `steps` split evenly over the blocks that hold MASKs. Prompts of different lengths
+are right-padded (segment 0), so that a call covers the same positions in every row.
 
 Token draws use Gumbel noise in float64 on the host (numpy: JAX runs float32 here), argmax of
 log p / temperature + Gumbel (temperature 0: the argmax). Each run reports the number of model
@@ -217,7 +218,7 @@ def generate(model, variables, prompts: Sequence[Sequence[int]], *, gen_len: int
   recomputed by every evaluation; block diffusion models: `sample_block_diffusion`)."""
   if model.cfg.get('diffusion_block', 0):
     return sample_block_diffusion(model, variables, prompts, gen_len=gen_len, spec=spec,
-                                  mask_id=mask_id, seed=seed)
+                                  mask_id=mask_id, pad_id=pad_id, seed=seed)
   z_BT, pos_BT, seg_BT = left_padded(prompts, gen_len, mask_id=mask_id, pad_id=pad_id)
   denoise = model_denoiser(model, variables, pos_BT, seg_BT)
   denoise(z_BT)  # compile outside the timing
@@ -228,34 +229,47 @@ def generate(model, variables, prompts: Sequence[Sequence[int]], *, gen_len: int
                 new_tokens=gen_len * len(prompts))
 
 
+def block_canvas(prompts: Sequence[Sequence[int]], gen_len: int, *, mask_id: int, pad_id: int):
+  """(canvas, segment ids) [B, P + gen_len], P the longest prompt: each row is its prompt,
+  gen_len MASKs and right padding (segment 0: never seen), at positions 0, 1, ... . Rows of
+  different prompt lengths share their block boundaries (blocks are positions // L')."""
+  if pad_id == mask_id:
+    raise errors.ConfigError(f'pad_id={pad_id} is the MASK token: padding would be sampled')
+  total = max(len(p) for p in prompts) + gen_len
+  canvas_BT = np.full((len(prompts), total), pad_id, np.int32)
+  seg_BT = np.zeros((len(prompts), total), np.int32)
+  for row, p in enumerate(prompts):
+    canvas_BT[row, :len(p)] = p
+    canvas_BT[row, len(p):len(p) + gen_len] = mask_id
+    seg_BT[row, :len(p) + gen_len] = 1
+  return canvas_BT, seg_BT
+
+
 def sample_block_diffusion(model, variables, prompts: Sequence[Sequence[int]], *, gen_len: int,
-                           spec: Spec, mask_id: int, seed: int = 0) -> Output:
+                           spec: Spec, mask_id: int, pad_id: int = 0, seed: int = 0) -> Output:
   """Block-by-block sampling of a block diffusion model with an exact KV cache of the clean
-  prefix (module docstring). Prompts must have one length (blocks are positions // L')."""
+  prefix (module docstring). Prompts of different lengths are right-padded (`block_canvas`):
+  a call covers the same positions in every row, which hold prompt, MASKs or padding."""
   cfg = model.cfg
   block = cfg.diffusion_block
-  if len({len(p) for p in prompts}) != 1:
-    raise errors.ConfigError('block diffusion sampling of prompts of different lengths is not '
-                             'done yet: give prompts of one token length')
   if spec.block_length not in (0, block):
     raise errors.ConfigError(f'--block_length={spec.block_length}: a block diffusion model '
                              f'samples its own blocks (model.diffusion_block={block})')
-  rows, prompt_len = len(prompts), len(prompts[0])
-  total = prompt_len + gen_len
-  # `steps` covers the generated span: split over the blocks that hold MASKs.
-  masked_blocks = (total - 1) // block - prompt_len // block + 1
+  canvas_BT, segments_BT = block_canvas(prompts, gen_len, mask_id=mask_id, pad_id=pad_id)
+  rows, total = canvas_BT.shape
+  starts = range(0, total, block)
+  # `steps` covers the generated span: split over the blocks that hold MASKs (in any row).
+  masked_blocks = sum(bool(np.any(canvas_BT[:, s:s + block] == mask_id)) for s in starts)
   spec = dataclasses.replace(spec, block_length=0, steps=max(1, spec.steps // masked_blocks))
-  canvas_BT = np.concatenate([np.asarray(prompts, np.int32),
-                              np.full((rows, gen_len), mask_id, np.int32)], 1)
   apply = jax.jit(lambda v, z, p, s, c: model.apply(v, z, positions_BT=p, segment_ids_BT=s,
                                                     cache=c))
   cache = lm.init_cache(cfg, rows, total)
   rng_seed = np.random.SeedSequence(seed)
   evals, seconds, compiled = 0, 0.0, set()
-  for start in range(0, total, block):
+  for start in starts:
     end = min(start + block, total)
     pos_BT = np.broadcast_to(np.arange(start, end, dtype=np.int32), (rows, end - start))
-    seg_BT = np.ones_like(pos_BT)
+    seg_BT = segments_BT[:, start:end]
     z_BT = canvas_BT[:, start:end]
     if z_BT.shape not in compiled:  # compile outside the timing (once per block shape)
       jax.block_until_ready(apply(variables, jnp.asarray(z_BT), pos_BT, seg_BT, cache))
@@ -274,5 +288,5 @@ def sample_block_diffusion(model, variables, prompts: Sequence[Sequence[int]], *
     jax.block_until_ready(cache)
     seconds += time.perf_counter() - tick
     evals += 1
-  return Output(tokens=canvas_BT[:, prompt_len:].tolist(), model_evals=evals, seconds=seconds,
-                new_tokens=gen_len * rows)
+  tokens = [canvas_BT[row, len(p):len(p) + gen_len].tolist() for row, p in enumerate(prompts)]
+  return Output(tokens=tokens, model_evals=evals, seconds=seconds, new_tokens=gen_len * rows)

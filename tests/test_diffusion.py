@@ -402,3 +402,43 @@ def test_block_diffusion_flash_equals_the_dense_mask(bd3_params):
   np.testing.assert_allclose(outs[1][0], outs[0][0], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(outs[1][1]), jax.tree.leaves(outs[0][1])):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_block_diffusion_sampling_of_mixed_prompt_lengths_equals_each_row_alone_uncached(
+    bd3_params):
+  """Three prompts of different lengths (right-padded to share block boundaries) sampled in
+  one batch with the KV cache, greedy low-confidence, give each row the tokens that an
+  uncached reference gives it alone: a step runs the training pass over [canvas, canvas]
+  (the noisy copy of the current block sees itself and the clean blocks before it: BD3-LM's
+  mask) and reveals the block's most probable MASK. 16 steps over 4 blocks: one token a step."""
+  from models import diffusion_sampling  # pylint: disable=g-import-not-at-top
+  model, mask, gen_len = models.build(tiny_bd3(4)), 259, 7
+  prompts = [[257, 5, 6], [257, 7, 8, 9, 10, 11], [257]]
+  train_pass = jax.jit(lambda z: model.apply(bd3_params, z, positions_BT=positions(z),
+                                             segment_ids_BT=jnp.ones_like(z))[0])
+
+  def positions(z_BT):
+    half = jnp.arange(z_BT.shape[1] // 2)
+    return jnp.broadcast_to(jnp.concatenate([half, half]), z_BT.shape)
+
+  def alone(prompt):
+    x_T = np.array(list(prompt) + [mask] * gen_len)
+    for start in range(0, len(x_T), 4):
+      block_T = np.arange(start, min(start + 4, len(x_T)))
+      while np.any(x_T[block_T] == mask):
+        logits_TV = np.array(train_pass(jnp.asarray(np.concatenate([x_T, x_T])[None]))[0],
+                             np.float64)[:len(x_T)]
+        logits_TV[:, mask] = -np.inf
+        logp_TV = logits_TV - np.logaddexp.reduce(logits_TV, -1, keepdims=True)
+        masked_T = block_T[x_T[block_T] == mask]
+        best = masked_T[np.argmax(np.max(logp_TV[masked_T], -1))]
+        x_T[best] = np.argmax(logits_TV[best])
+    return x_T[len(prompt):].tolist()
+
+  spec = diffusion_sampling.Spec(name='low_confidence', steps=16, temperature=0)
+  out = diffusion_sampling.generate(model, bd3_params, prompts, gen_len=gen_len, spec=spec,
+                                    mask_id=mask, seed=0)
+  assert out.tokens == [alone(p) for p in prompts]
+  # MASKs per block (rows 0, 1, 2): [1, 0, 3], [4, 2, 4], [2, 4, 0], [0, 1, 0]: each block
+  # takes as many evaluations as its row with the most, and one more writes it.
+  assert out.model_evals == (3 + 4 + 4 + 1) + 4
