@@ -4,10 +4,27 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from absl import logging
-import tensorboardX
 import tqdm
+
+
+
+def _tensorboardx():
+  """tensorboardX, imported without torch where torch is not loaded yet: its writer imports
+  torch (1 s of every training process's start) only to accept torch tensors, which are never
+  logged here. `import torch` raises ImportError while sys.modules['torch'] is None."""
+  if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    return tensorboardX
+  sys.modules['torch'] = None
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules['torch']
+  return tensorboardX
+
 
 _LOGGED = ('loss', 'eval_loss', 'eval_bits_per_byte', 'grad_norm', 'tokens_per_sec', 'mfu')
 
@@ -24,7 +41,7 @@ class MetricWriter:
     if not enabled:
       return
     _truncate_after(self.path, start_step)
-    self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self.tb = _tensorboardx().SummaryWriter(os.path.join(workdir, 'tensorboard'))
     if progress_bar:
       # disable=None: no bar when stderr is not a terminal (logs, CI, sweeps).
       self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True,
