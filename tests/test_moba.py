@@ -144,7 +144,8 @@ def test_packed_documents_equal_each_alone(layer_setup):
 def test_prefill_then_decode_equals_the_full_forward():
   """Two scanned `BF` blocks (blocks of 4, topk=2) over 19-token rows, left padding in one:
   a prefill of 10 tokens then one token a step == the full forward (<= 1e-4), each step
-  selecting over block means made from the cached keys."""
+  selecting over the block means of the cache's running key sums, which equal the sums of
+  the cached keys."""
   b, t = 2, 19
   cfg = _cfg(pattern='BF' * 2, scan_layers=True)
   model = models.build(cfg)
@@ -159,10 +160,20 @@ def test_prefill_then_decode_equals_the_full_forward():
                                                  cache=c))
   cache = lm.init_cache(model.cfg, b, t)
   assert cache['blocks']['0B']['k_BSKH'].shape == (2, b, t, cfg.num_kv_heads, 16)
-  got_BTV, _ = prefill_then_decode(apply, cache, tokens_BT, pos_BT, seg_BT, 10)
+  got_BTV, cache = prefill_then_decode(apply, cache, tokens_BT, pos_BT, seg_BT, 10)
   real = np.asarray(seg_BT)[..., None] > 0
   err = float(jnp.max(jnp.abs(jnp.where(real, got_BTV - full_BTV, 0))))
   assert err <= 1e-4, f'prefill + decode differs by {err:.2e}'
+  # Row 0's 5 blocks start at rows 0, 4, .. 16 (slots 0 .. 4); row 1's 4, after 3 rows of
+  # padding, at rows 3, 7, 11, 15 (slots 0 .. 3): the slots hold the sums of the cached keys.
+  layer = jax.tree.map(lambda a: a[1], cache['blocks']['0B'])  # the second scanned layer
+  by_row_BSKH = moba.block_means(layer['k_BSKH'], layer['pos_BS'], layer['seg_BS'], 4) * 4
+  want_BAKH = jnp.stack([by_row_BSKH[0, 0::4], jnp.concatenate(
+      [by_row_BSKH[1, 3::4], jnp.zeros_like(by_row_BSKH[1, :1])])])
+  assert layer['ksum_BAKH'].shape == (b, 19 // 4 + 2, cfg.num_kv_heads, 16)
+  assert float(jnp.max(jnp.abs(want_BAKH))) > 1
+  np.testing.assert_allclose(layer['ksum_BAKH'][:, :5], want_BAKH, atol=1e-5, rtol=1e-5)
+  assert not np.any(layer['ksum_BAKH'][:, 5:])
 
 
 def test_flops_per_token_match_xla_in_one_query_block():

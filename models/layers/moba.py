@@ -29,8 +29,13 @@ Two implementations of the same function (`moba.impl`):
 tokens occupy consecutive rows with positions 0, 1, 2, ... (restarting at the row's start),
 so block j of the document of the query in row r at position p starts at row r - p + jC.
 
-Decoding caches keys and values as `A` does (the whole generation) and recomputes the block
-means from the cached keys each call; the prefill and each step select over the cache.
+Decoding caches keys and values as `A` does (the whole generation) and, beside them, the
+float32 sum of each block's keys (`ksum_BAKH`: ceil(S / C) + 1 slots, block j of a row whose
+document starts at row r0 in slot (r0 + jC) // C): a call adds its new keys to their blocks'
+sums, so a step reads the means and (topk + 1) C keys instead of summing every cached key.
+Slots are unique for one document per cache row after its padding, as `decode.Generator`
+lays prompts out (two documents in one cache row could share a slot). The prefill and each
+step select over the cache.
 """
 
 from __future__ import annotations
@@ -68,6 +73,16 @@ def block_means(k_BSKH, pos_BS, seg_BS, block: int):
   return sums_BSKH[:, :s] / block
 
 
+def add_to_block_sums(sums_BAKH, k_BTKH, row_BT, pos_BT, seg_BT, block: int):
+  """The decode cache's block sums after new keys k_BTKH at cache rows row_BT: each key is
+  added in the slot of its block, its first row // C (module docstring); padding (segment 0)
+  is dropped."""
+  start_BT = row_BT - pos_BT + (pos_BT // block) * block
+  ids_BT = jnp.where(seg_BT != 0, start_BT // block, sums_BAKH.shape[1])
+  return jax.vmap(lambda m_AKH, i_T, k_TKH: m_AKH.at[i_T].add(k_TKH, mode='drop'))(
+      sums_BAKH, ids_BT, k_BTKH.astype(jnp.float32))
+
+
 def grouped(q_BTNH, k: int):
   """(B, T, N, H) -> (B, T, K, G, H): the query heads of each kv head."""
   b, t, n, h = q_BTNH.shape
@@ -91,9 +106,11 @@ def masked_softmax(logits, mask):
 
 
 def gather_core(q_BTNH, k_BSKH, v_BSKH, mean_BSKH, q_row_BT, q_pos_BT, q_seg_BT, *, block: int,
-                topk: int, scale: float):
+                topk: int, scale: float, means_by_slot: bool = False):
   """One block of queries by gathering: out_BTNH over each query's own block (causal) and its
-  top-k earlier blocks (module docstring). `q_row_BT` is each query's row in the keys."""
+  top-k earlier blocks (module docstring). `q_row_BT` is each query's row in the keys; the
+  block means are `block_means`'s (by first row) or, `means_by_slot`, the decode cache's
+  (by first row // C)."""
   b, t, n, h = q_BTNH.shape
   s, k = k_BSKH.shape[1], k_BSKH.shape[2]
   c, a = block, -(-s // block)
@@ -103,6 +120,8 @@ def gather_core(q_BTNH, k_BSKH, v_BSKH, mean_BSKH, q_row_BT, q_pos_BT, q_seg_BT,
   q_BTKGH = grouped(q_BTNH, k)
   # Affinities against the means of the document's blocks 0 .. A-1 (only earlier ones eligible).
   first_BTA = jnp.clip(start_BT[..., None] + jnp.arange(a) * c, 0, s - 1)
+  if means_by_slot:
+    first_BTA //= c
   mean_BTAKH = jax.vmap(lambda m_SKH, r_TA: m_SKH[r_TA])(mean_BSKH, first_BTA)
   affinity_BTKGA = jnp.einsum('BTKGH,BTAKH->BTKGA', q_BTKGH.astype(jnp.float32), mean_BTAKH)
   eligible_BTA = (jnp.arange(a) < own_BT[..., None]) & real_BT[..., None]
@@ -207,6 +226,14 @@ class BlockSparseAttention(attention.Attention):
   def xla_counts_once(cls, cfg, seq_len: int) -> bool:
     return cfg.moba.impl == 'gather' and seq_len > cfg.moba.query_block  # a lax.map loop
 
+  @classmethod
+  def init_cache(cls, cfg, batch: int, max_len: int):
+    """`A`'s cache and the float32 key sums of each block (module docstring)."""
+    cache = super().init_cache(cfg, batch, max_len)
+    b, s, k, h = cache['k_BSKH'].shape
+    cache['ksum_BAKH'] = jnp.zeros((b, -(-s // cfg.moba.block) + 1, k, h), jnp.float32)
+    return cache
+
   @nn.compact
   def __call__(self, x_BTD, *, positions_BT, segment_ids_BT, cache=None):
     cfg = self.cfg
@@ -219,8 +246,11 @@ class BlockSparseAttention(attention.Attention):
       q_row_BT = jnp.broadcast_to(jnp.arange(t), positions_BT.shape)
     else:
       q_row_BT = jnp.broadcast_to(cache['index'] + jnp.arange(t), positions_BT.shape)
+      sums_BAKH = add_to_block_sums(cache['ksum_BAKH'], jax.lax.stop_gradient(k_BTKH), q_row_BT,
+                                    positions_BT, segment_ids_BT, m.block)
       seen, cache = attention.cache_write(cache, {'k_BSKH': k_BTKH, 'v_BSKH': v_BTKH,
                                                   'pos_BS': positions_BT, 'seg_BS': segment_ids_BT})
+      cache = {**cache, 'ksum_BAKH': sums_BAKH}
       k_BSKH, v_BSKH = seen['k_BSKH'].astype(dtype), seen['v_BSKH'].astype(dtype)
       k_pos_BS, k_seg_BS = seen['pos_BS'], seen['seg_BS']
     scale = cfg.attention.softmax_scale or attention.head_dim(cfg) ** -0.5
@@ -229,11 +259,12 @@ class BlockSparseAttention(attention.Attention):
       out_BTNH = dense_core(q_BTNH, k_BSKH, v_BSKH, positions_BT, segment_ids_BT, k_pos_BS,
                             k_seg_BS, **shared)
     else:
-      mean_BSKH = block_means(jax.lax.stop_gradient(k_BSKH), k_pos_BS, k_seg_BS, m.block)
+      mean_BSKH = (block_means(jax.lax.stop_gradient(k_BSKH), k_pos_BS, k_seg_BS, m.block)
+                   if cache is None else cache['ksum_BAKH'] / m.block)
 
       def block_fn(q_BTNH, q_row_BT, q_pos_BT, q_seg_BT):
         return gather_core(q_BTNH, k_BSKH, v_BSKH, mean_BSKH, q_row_BT, q_pos_BT, q_seg_BT,
-                           **shared)
+                           means_by_slot=cache is not None, **shared)
 
       out_BTNH, = dsa.blockwise(block_fn, m.query_block, (q_BTNH, q_row_BT), positions_BT,
                                 segment_ids_BT)
