@@ -6,6 +6,7 @@ numpy; RoPE layouts against each other and scaled frequencies against transforme
 hand-computed) values; norms, placements and soft-capping against their formulas.
 """
 
+import functools
 import math
 
 import flax
@@ -36,9 +37,16 @@ def build(config, tokens_BT, pos_BT, seg_BT, seed=0):
   return model, nn.meta.unbox(init(jax.random.key(seed), tokens_BT, pos_BT, seg_BT)['params'])
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def forward(model, params, tokens_BT, pos_BT, seg_BT):
-  apply = jax.jit(lambda q, x, p, s: model.apply({'params': q}, x, positions_BT=p, segment_ids_BT=s)[0])
-  return apply(params, tokens_BT, pos_BT, seg_BT)
+  """Logits, compiled once a model (models built from equal configs are equal) and shape."""
+  return model.apply({'params': params}, tokens_BT, positions_BT=pos_BT, segment_ids_BT=seg_BT)[0]
+
+
+def param_shapes(model, tokens_BT, pos_BT, seg_BT):
+  """The initialiser's parameters as shapes, traced but not compiled or run."""
+  return nn.meta.unbox(jax.eval_shape(lambda: model.init(
+      jax.random.key(0), tokens_BT, positions_BT=pos_BT, segment_ids_BT=seg_BT))['params'])
 
 
 FACTORS = {
@@ -76,14 +84,13 @@ def test_pairwise_sweep_shapes_finite_loss_and_gradients(row):
   config = tiny_model_config(**sweep_overrides(row))
   tokens_BT, pos_BT, seg_BT = packed_batch(jax.random.key(1), 2, 16, VOCAB)
   model = models.build(config)
-  # Random parameters of the initialiser's shapes (compiling `init` would double the cost).
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens_BT, positions_BT=pos_BT,
-                                             segment_ids_BT=seg_BT))['params']
-  shapes = flax.traverse_util.flatten_dict(nn.meta.unbox(shapes))
-  keys = jax.random.split(jax.random.key(0), len(shapes))
+  # Random parameters of the initialiser's shapes, drawn in numpy (compiling `init` would
+  # double the cost; drawing each leaf op by op compiles a program for each new shape).
+  shapes = flax.traverse_util.flatten_dict(param_shapes(model, tokens_BT, pos_BT, seg_BT))
+  rng = np.random.default_rng(0)
   params = flax.traverse_util.unflatten_dict({
-      path: 0.1 * jax.random.normal(key, leaf.shape) + (path[-1] == 'scale')
-      for key, (path, leaf) in zip(keys, shapes.items())})
+      path: (0.1 * rng.standard_normal(leaf.shape) + (path[-1] == 'scale')).astype(leaf.dtype)
+      for path, leaf in shapes.items()})
 
   def loss(p):
     logits_BTV = forward(model, p, tokens_BT, pos_BT, seg_BT)
@@ -94,7 +101,7 @@ def test_pairwise_sweep_shapes_finite_loss_and_gradients(row):
   assert logits_BTV.shape == (2, 16, VOCAB) and logits_BTV.dtype == jnp.float32
   assert np.isfinite(float(value))
   flat = flax.traverse_util.flatten_dict(grads, sep='/')
-  grad_norms = {k: float(jnp.linalg.norm(g)) for k, g in flat.items()}
+  grad_norms = {k: float(np.linalg.norm(g)) for k, g in flat.items()}
   assert all(np.isfinite(v) for v in grad_norms.values()), grad_norms
   assert all(v > 0 for v in grad_norms.values()), [k for k, v in grad_norms.items() if v == 0]
 
@@ -151,8 +158,10 @@ def test_attend_with_window_and_sinks_matches_naive_reference(impl, window, bloc
   sinks_N = jax.random.normal(keys[3], (4,)) if sinks else None
   _, pos_BT, seg_BT = packed_batch(keys[0], 2, 16, 10, num_segments=2)
   cfg = tiny_model_config(**{'attention.impl': impl, 'attention.causal_block': block})
-  got = attention.attend(cfg, q, k, v, q_pos_BT=pos_BT, q_seg_BT=seg_BT, k_pos_BS=pos_BT,
-                         k_seg_BS=seg_BT, scale=0.3, window=window, sinks_N=sinks_N, blocked=True)
+  attend = jax.jit(lambda q, k, v, p, s, sinks_N: attention.attend(
+      cfg, q, k, v, q_pos_BT=p, q_seg_BT=s, k_pos_BS=p, k_seg_BS=s, scale=0.3, window=window,
+      sinks_N=sinks_N, blocked=True))
+  got = attend(q, k, v, pos_BT, seg_BT, sinks_N)
   want = naive_attention(q, k, v, window_mask(pos_BT, seg_BT, window), 0.3, sinks_N)
   np.testing.assert_allclose(got, want, atol=1e-5)
 
@@ -167,7 +176,7 @@ def test_sinks_at_minus_infinity_equal_no_sinks():
   plain_model = models.build(tiny_model_config())
   want = forward(plain_model, flax.traverse_util.unflatten_dict(plain), tokens_BT, pos_BT, seg_BT)
   at = lambda value: flax.traverse_util.unflatten_dict(
-      {k: jnp.full_like(v, value) if k[-1] == 'sinks' else v for k, v in flat.items()})
+      {k: np.full_like(v, value) if k[-1] == 'sinks' else v for k, v in flat.items()})
   np.testing.assert_allclose(forward(model, at(-jnp.inf), tokens_BT, pos_BT, seg_BT), want, atol=1e-5)
   assert not np.allclose(forward(model, at(2.0), tokens_BT, pos_BT, seg_BT), want, atol=1e-3)
 
@@ -205,8 +214,8 @@ def test_windowed_prefill_plus_decode_equals_full_forward(overrides):
   full_BTV = forward(model, params, tokens_BT, pos_BT, seg_BT)
   apply = jax.jit(lambda c, x, p, s: model.apply({'params': params}, x, positions_BT=p,
                                                  segment_ids_BT=s, cache=c))
-  out_BTV, _, cache = apply(lm.init_cache(model.cfg, b, t), tokens_BT[:, :prefill], pos_BT[:, :prefill],
-                       seg_BT[:, :prefill])
+  cache = jax.jit(lambda: lm.init_cache(model.cfg, b, t))()
+  out_BTV, _, cache = apply(cache, tokens_BT[:, :prefill], pos_BT[:, :prefill], seg_BT[:, :prefill])
   outs = [out_BTV]
   for i in range(prefill, t):
     out_BTV, _, cache = apply(cache, tokens_BT[:, i:i + 1], pos_BT[:, i:i + 1], seg_BT[:, i:i + 1])
@@ -229,9 +238,15 @@ def test_mla_equals_its_expanded_multi_head_form():
   pos_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
   seg_BT = jnp.ones((b, t), jnp.int32)
   layer = mla.MLAttention(cfg)
-  params = nn.meta.unbox(layer.init(jax.random.key(1), x_BTD, positions_BT=pos_BT,
-                                    segment_ids_BT=seg_BT)['params'])
-  params['sinks'] = jax.random.normal(jax.random.key(2), (n,))
+
+  @jax.jit
+  def init(x_BTD, pos_BT, seg_BT):
+    params = nn.meta.unbox(layer.init(jax.random.key(1), x_BTD, positions_BT=pos_BT,
+                                      segment_ids_BT=seg_BT)['params'])
+    params['sinks'] = jax.random.normal(jax.random.key(2), (n,))
+    return params
+
+  params = init(x_BTD, pos_BT, seg_BT)
   p = jax.tree.map(np.asarray, params)
   x = np.asarray(x_BTD, np.float64)
   q = np.einsum('btd,dr->btr', x, p['q_a'])
@@ -240,20 +255,19 @@ def test_mla_equals_its_expanded_multi_head_form():
   k_nope = np.einsum('btr,rnh->btnh', c, p['k_b'])
   v = np.einsum('btr,rnh->btnh', c, p['v_b'])
   nope = cfg.attention.mla.nope_head_dim
-  q_rope = positions.apply_rope(jnp.asarray(q[..., nope:], jnp.float32), pos_BT, cfg.rope_theta)
-  k_rope = positions.apply_rope(jnp.asarray((x @ p['k_rope'])[:, :, None], jnp.float32), pos_BT,
-                                cfg.rope_theta)
+  rope = jax.jit(lambda q, k: [positions.apply_rope(a, pos_BT, cfg.rope_theta) for a in (q, k)])
+  q_rope, k_rope = rope(q[..., nope:].astype(np.float32), (x @ p['k_rope'])[:, :, None].astype(np.float32))
   q_full = np.concatenate([q[..., :nope], np.asarray(q_rope)], -1)
   k_full = np.concatenate([k_nope, np.broadcast_to(np.asarray(k_rope), k_nope.shape[:3] + (k_rope.shape[-1],))], -1)
   mask = window_mask(pos_BT, seg_BT, 0)
   out = naive_attention(q_full, k_full, v, mask, q_full.shape[-1] ** -0.5, p['sinks'])
   want = np.einsum('btnh,nhd->btd', out, p['o'])
 
-  expanded_BTD, _, _ = layer.apply({'params': params}, x_BTD, positions_BT=pos_BT, segment_ids_BT=seg_BT)
+  apply = jax.jit(lambda v, x, p, s, c: layer.apply(v, x, positions_BT=p, segment_ids_BT=s, cache=c))
+  expanded_BTD, _, _ = apply({'params': params}, x_BTD, pos_BT, seg_BT, None)
   np.testing.assert_allclose(expanded_BTD, want, atol=1e-5)
-  cache = mla.MLAttention.init_cache(cfg, b, t)
-  absorbed_BTD, _, cache = layer.apply({'params': params}, x_BTD, positions_BT=pos_BT, segment_ids_BT=seg_BT,
-                                  cache=cache)
+  cache = jax.jit(lambda: mla.MLAttention.init_cache(cfg, b, t))()
+  absorbed_BTD, _, cache = apply({'params': params}, x_BTD, pos_BT, seg_BT, cache)
   np.testing.assert_allclose(absorbed_BTD, want, atol=1e-5)
   assert cache['c_BSR'].shape == (b, t, cfg.attention.mla.kv_rank)
 
@@ -264,24 +278,31 @@ def deinterleave(x):
 
 def test_interleaved_and_rotate_half_rope_are_permutations_of_each_other():
   x = jax.random.normal(jax.random.key(0), (2, 5, 3, 16))
-  pos_BT = jnp.broadcast_to(jnp.arange(5) * 7, (2, 5))
-  half = positions.apply_rope(deinterleave(x), pos_BT, 100.0)
-  inter = positions.apply_rope(x, pos_BT, 100.0, interleaved=True)
-  np.testing.assert_allclose(deinterleave(inter), half, atol=1e-5)
-  assert not np.allclose(inter, positions.apply_rope(x, pos_BT, 100.0), atol=1e-3)
+  pos_BT = np.broadcast_to(np.arange(5) * 7, (2, 5))
+
+  @jax.jit
+  def ropes(x):
+    half = positions.apply_rope(deinterleave(x), pos_BT, 100.0)
+    inter = positions.apply_rope(x, pos_BT, 100.0, interleaved=True)
+    return half, inter, deinterleave(inter), positions.apply_rope(x, pos_BT, 100.0)
+
+  half, inter, inter_deinterleaved, plain = ropes(x)
+  np.testing.assert_allclose(inter_deinterleaved, half, atol=1e-5)
+  assert not np.allclose(inter, plain, atol=1e-3)
 
 
 @pytest.mark.parametrize('interleaved', [False, True])
 def test_partial_rotary_rotates_the_first_fraction_and_leaves_the_tail(interleaved):
-  x = jax.random.normal(jax.random.key(1), (1, 6, 2, 16))
-  pos_BT = jnp.arange(6)[None] + 3
-  y = positions.apply_rope(x, pos_BT, 1e4, fraction=0.25, interleaved=interleaved)
+  x = np.asarray(jax.random.normal(jax.random.key(1), (1, 6, 2, 16)))
+  pos_BT = np.arange(6)[None] + 3
+  rope = jax.jit(lambda x, fraction: positions.apply_rope(x, pos_BT, 1e4, fraction=fraction,
+                                                          interleaved=interleaved), static_argnums=1)
+  y = np.asarray(rope(x, 0.25))
   np.testing.assert_array_equal(y[..., 4:], x[..., 4:])
-  np.testing.assert_allclose(y[..., :4], positions.apply_rope(x[..., :4], pos_BT, 1e4, interleaved=interleaved),
-                             atol=1e-6)
+  np.testing.assert_allclose(y[..., :4], rope(x[..., :4], 1.0), atol=1e-6)
   assert not np.allclose(y[..., :4], x[..., :4], atol=1e-3)
   # Norms of each rotated pair are preserved.
-  np.testing.assert_allclose(jnp.linalg.norm(y, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
 
 
 def scaling(**fields):
@@ -349,16 +370,18 @@ def test_scaled_frequencies_equal_transformers(rope_type, fields):
 
 
 def test_zero_centred_norm_applies_one_plus_w():
-  x = jax.random.normal(jax.random.key(0), (2, 3, 8)) * 3
+  x = np.asarray(jax.random.normal(jax.random.key(0), (2, 3, 8))) * 3
   plain = norms.Norm(kind='rmsnorm', eps=1e-5)
   centred = norms.Norm(kind='rmsnorm', eps=1e-5, zero_centred=True)
-  p = nn.meta.unbox(centred.init(jax.random.key(0), x))
+  p = nn.meta.unbox(jax.jit(centred.init)(jax.random.key(0), x))
   np.testing.assert_array_equal(p['params']['scale'], np.zeros(8))
-  np.testing.assert_allclose(centred.apply(p, x), plain.apply({'params': {'scale': jnp.ones(8)}}, x), atol=1e-6)
-  w = jax.random.normal(jax.random.key(1), (8,))
-  np.testing.assert_allclose(centred.apply({'params': {'scale': w}}, x),
-                             plain.apply({'params': {'scale': 1 + w}}, x), atol=1e-6)
-  np.testing.assert_allclose(plain.apply({'params': {'scale': w}}, x), rms(x, w), atol=1e-5)
+  plain_apply = jax.jit(lambda w, x: plain.apply({'params': {'scale': w}}, x))
+  centred_apply = jax.jit(lambda w, x: centred.apply({'params': {'scale': w}}, x))
+  np.testing.assert_allclose(centred_apply(p['params']['scale'], x),
+                             plain_apply(np.ones(8, np.float32), x), atol=1e-6)
+  w = np.asarray(jax.random.normal(jax.random.key(1), (8,)))
+  np.testing.assert_allclose(centred_apply(w, x), plain_apply(1 + w, x), atol=1e-6)
+  np.testing.assert_allclose(plain_apply(w, x), rms(x, w), atol=1e-5)
 
 
 @pytest.mark.parametrize('placement', ['pre', 'post', 'sandwich'])
@@ -367,10 +390,16 @@ def test_norm_placement(placement):
   x_BTD = jax.random.normal(jax.random.key(0), (2, 4, cfg.d_model)) * 2
   pos_BT, seg_BT = jnp.zeros((2, 4), jnp.int32), jnp.ones((2, 4), jnp.int32)
   residual = lm.Residual(cfg, 'F')
-  params = residual.init(jax.random.key(1), x_BTD, positions_BT=pos_BT, segment_ids_BT=seg_BT)['params']
-  params = jax.tree.map(lambda a: a + 0.3, nn.meta.unbox(params))  # non-trivial norm scales
-  got, _, _ = residual.apply({'params': params}, x_BTD, positions_BT=pos_BT, segment_ids_BT=seg_BT)
-  op = lambda h: mlp.Mlp(cfg).apply({'params': params['op']}, h)[0]
+
+  @jax.jit
+  def init(x_BTD, pos_BT, seg_BT):
+    params = residual.init(jax.random.key(1), x_BTD, positions_BT=pos_BT, segment_ids_BT=seg_BT)['params']
+    return jax.tree.map(lambda a: a + 0.3, nn.meta.unbox(params))  # non-trivial norm scales
+
+  params = init(x_BTD, pos_BT, seg_BT)
+  got, _, _ = jax.jit(lambda v, x, p, s: residual.apply(v, x, positions_BT=p, segment_ids_BT=s))(
+      {'params': params}, x_BTD, pos_BT, seg_BT)
+  op = jax.jit(lambda h: mlp.Mlp(cfg).apply({'params': params['op']}, h)[0])
   norm = lambda name, h: rms(h, params[name]['scale'])
   x = np.asarray(x_BTD)
   want = {'pre': lambda: x + op(norm('norm', x).astype(np.float32)),
@@ -386,11 +415,11 @@ def test_logit_soft_cap_bounds_logits_and_embed_scale_scales_embeddings():
   model, params = build(tiny_model_config(init_std=1.0, logit_softcap=2.5), tokens_BT, pos_BT, seg_BT)
   capped = forward(model, params, tokens_BT, pos_BT, seg_BT)
   raw = forward(models.build(tiny_model_config(init_std=1.0)), params, tokens_BT, pos_BT, seg_BT)
-  assert float(jnp.max(jnp.abs(raw))) > 2.5 and float(jnp.max(jnp.abs(capped))) <= 2.5
+  assert np.max(np.abs(raw)) > 2.5 and np.max(np.abs(capped)) <= 2.5
   np.testing.assert_allclose(capped, 2.5 * np.tanh(np.asarray(raw) / 2.5), atol=1e-5)
   # Scaling the embeddings by s equals scaling the input table by s (the head is untied).
   scaled = forward(models.build(tiny_model_config(init_std=1.0, embed_scale=3.0)), params, tokens_BT, pos_BT, seg_BT)
-  table = dict(params, embed=params['embed'] * 3.0, head=params['head'])
+  table = dict(params, embed=np.asarray(params['embed']) * 3.0, head=params['head'])
   np.testing.assert_allclose(scaled, forward(models.build(tiny_model_config(init_std=1.0)), table,
                                              tokens_BT, pos_BT, seg_BT), atol=1e-4, rtol=1e-4)
 
@@ -398,8 +427,8 @@ def test_logit_soft_cap_bounds_logits_and_embed_scale_scales_embeddings():
 def test_qk_norm_full_normalises_the_whole_projection():
   tokens_BT, pos_BT, seg_BT = packed_batch(jax.random.key(5), 1, 8, VOCAB)
   for kind, q_shape, k_shape in (('head', (16,), (16,)), ('full', (4, 16), (2, 16))):
-    _, params = build(tiny_model_config(**{'attention.qk_norm': kind}), tokens_BT, pos_BT, seg_BT)
-    op = params['block_0']['0A']['op']
+    model = models.build(tiny_model_config(**{'attention.qk_norm': kind}))
+    op = param_shapes(model, tokens_BT, pos_BT, seg_BT)['block_0']['0A']['op']
     assert op['q_norm']['scale'].shape == q_shape and op['k_norm']['scale'].shape == k_shape
 
 

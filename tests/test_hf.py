@@ -5,11 +5,14 @@ conversion tool). transformers and torch are test-only requirements; without the
 is skipped. About 60 s on 2 CPU cores.
 """
 
+import functools
 import json
 import os
 import subprocess
 import sys
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -76,13 +79,33 @@ def hf_logits(model, tokens_BT):
     return model(torch.tensor(np.asarray(tokens_BT))).logits.numpy()
 
 
-def archlab_logits(config, params, tokens_BT, collections=None):
-  model = models.build(config.model)
+# Jitted, one program per model (equal configs build equal, hashable modules): run op by op,
+# a tiny model's init or forward compiles some 100-500 primitives.
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(model, variables, tokens_BT):
   b, t = tokens_BT.shape
   positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
-  logits_BTV, _, _ = model.apply({'params': params, **(collections or {})}, jnp.asarray(tokens_BT),
-                              positions_BT=positions_BT, segment_ids_BT=jnp.ones_like(positions_BT))
-  return np.asarray(logits_BTV)
+  logits_BTV, _, _ = model.apply(variables, tokens_BT, positions_BT=positions_BT,
+                                 segment_ids_BT=jnp.ones_like(positions_BT))
+  return logits_BTV
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _init(model, length, seed):
+  dummy_BT = jnp.zeros((1, length), jnp.int32)
+  return nn.meta.unbox(model.init(jax.random.key(seed), dummy_BT, positions_BT=dummy_BT,
+                                  segment_ids_BT=dummy_BT + 1))
+
+
+def archlab_logits(config, params, tokens_BT, collections=None):
+  variables = {'params': params, **(collections or {})}
+  return np.asarray(_forward(models.build(config.model), variables, np.asarray(tokens_BT)))
+
+
+def archlab_init(model_config, length=1, seed=0):
+  """Every variable collection of `models.build(model_config)`'s init on a (1, length) dummy
+  row, unboxed."""
+  return _init(models.build(model_config), length, seed)
 
 
 def run_config(scan_layers):

@@ -25,7 +25,7 @@ from models import decode  # noqa: E402
 from models import hf  # noqa: E402
 from tests import test_generate_hf  # noqa: E402
 from tests.test_hf import VOCAB, _write_config, archlab_logits, hf_logits, make_hf_model  # noqa: E402
-from tests.test_hf import run_config  # noqa: E402
+from tests.test_hf import archlab_init, run_config  # noqa: E402
 
 FIELDS = dict(
     hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
@@ -77,9 +77,7 @@ def test_preset_exports_to_transformers(tmp_path):
   config = transformer.get_config('preset=deepseek_v32_tiny,runlocal')
   config.model.vocab_size = VOCAB
   config.model.pattern = config.model.pattern[:4]
-  dummy_BT = np.zeros((1, 1), np.int32)
-  variables = nn.meta.unbox(models.build(config.model).init(
-      jax.random.key(0), dummy_BT, positions_BT=dummy_BT, segment_ids_BT=dummy_BT + 1))
+  variables = archlab_init(config.model)
   rng = np.random.RandomState(0)
   params = jax.tree.map(lambda p: np.asarray(p) + 0.05 * rng.standard_normal(p.shape).astype(
       np.float32), variables.pop('params'))

@@ -11,20 +11,18 @@ import json
 import os
 import shutil
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-import models  # noqa: E402
 from configs import transformer  # noqa: E402
 from models import hf  # noqa: E402
 from models import lm  # noqa: E402
-from tests.test_hf import archlab_logits, hf_logits, make_hf_model, run_config  # noqa: E402
+from tests.test_hf import archlab_init, archlab_logits, hf_logits, make_hf_model  # noqa: E402
+from tests.test_hf import run_config  # noqa: E402
 
 VOCAB, LENGTH = 300, 24
 ROPE_500 = {'rope_type': 'default', 'rope_theta': 500.0}
@@ -181,15 +179,9 @@ def test_legacy_olmo3_rope_theta_500k_imports(hf_models, tokens, tmp_path):
 
 
 def _random_params(config):
-  model = models.build(config.model)
-  dummy_BT = jnp.zeros((1, 4), jnp.int32)
-  variables = model.init(jax.random.key(0), dummy_BT, positions_BT=dummy_BT,
-                         segment_ids_BT=dummy_BT + 1)
+  params = archlab_init(config.model, length=4)['params']
   # Perturb norms too (they start at one), so a misplaced norm shows in the logits.
   rng = np.random.RandomState(0)
-  boxed = lambda x: isinstance(x, nn.Partitioned)
-  params = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if boxed(x) else x,
-                        variables['params'], is_leaf=boxed)
   return jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.randn(*x.shape).astype(np.float32),
                       params)
 

@@ -11,7 +11,6 @@ About 40 s on 2 CPU cores.
 
 import os
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -19,7 +18,6 @@ import pytest
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-import models  # noqa: E402
 import trainer  # noqa: E402
 from configs import common as configs_common  # noqa: E402
 from configs import transformer  # noqa: E402
@@ -27,7 +25,7 @@ from experiments import convert  # noqa: E402
 from models import hf  # noqa: E402
 from models import lm  # noqa: E402
 from tests.test_hf import VOCAB, _write_config, archlab_logits, hf_logits, make_hf_model  # noqa: E402
-from tests.test_hf import run_config  # noqa: E402
+from tests.test_hf import archlab_init, run_config  # noqa: E402
 
 LENGTH = 24  # longer than every window below
 YARN = {'rope_type': 'yarn', 'rope_theta': 500.0, 'factor': 4.0,
@@ -207,9 +205,7 @@ def test_preset_exports_to_transformers(preset, model_type, changes, tokens, tmp
   config.model.vocab_size = VOCAB
   for field, value in changes.items():
     configs_common.set_field(config.model, field, value)
-  dummy_BT = np.zeros((1, 1), np.int32)
-  variables = nn.meta.unbox(models.build(config.model).init(
-      jax.random.key(0), dummy_BT, positions_BT=dummy_BT, segment_ids_BT=dummy_BT + 1))
+  variables = archlab_init(config.model)
   rng = np.random.RandomState(0)  # every weight perturbed: biases, sinks, norms too
   params = jax.tree.map(lambda p: np.asarray(p) + 0.05 * rng.standard_normal(p.shape).astype(
       np.float32), variables.pop('params'))
@@ -272,9 +268,7 @@ def test_trained_bias_of_a_family_without_correction_bias_is_refused(tmp_path):
   config = transformer.get_config('preset=qwen3_tiny,runlocal')
   config.model.vocab_size, config.model.pattern = VOCAB, 'AEAE'
   config.model.moe.update(num_experts=4, num_experts_per_tok=2, bias_update_rate=0.01)
-  dummy_BT = np.zeros((1, 1), np.int32)
-  variables = nn.meta.unbox(models.build(config.model).init(
-      jax.random.key(0), dummy_BT, positions_BT=dummy_BT, segment_ids_BT=dummy_BT + 1))
+  variables = archlab_init(config.model)
   params = variables.pop('params')
   with pytest.raises(ValueError, match=r'qwen3_moe: model.moe.correction_bias=True .*'
                                        r'trained with moe.bias_update_rate') as e:

@@ -44,17 +44,27 @@ def inputs(b=2, t=12, pad=3, seed=0):
 
 def init_layer(cfg, x_BTD, seg_BT, seed=1):
   """The layer and variables of unit scale (std 1/sqrt(fan-in)) so outputs are O(1), with a
-  random routing bias."""
+  random routing bias. Jitted: op by op, init and the redraw compile some hundred primitives."""
   layer = moe.Moe(cfg)
-  variables = nn.meta.unbox(layer.init(jax.random.key(seed), x_BTD, segment_ids_BT=seg_BT))
-  leaves, treedef = jax.tree.flatten(variables['params'])
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves) + 1)
-  leaves = [jax.random.normal(k, a.shape) * (a.shape[-2] ** -0.5 if a.ndim >= 2 else 0.3)
-            for k, a in zip(keys[1:], leaves)]
-  variables['params'] = jax.tree.unflatten(treedef, leaves)
-  if 'moe_bias' in variables:
-    variables['moe_bias'] = {'bias': 0.3 * jax.random.normal(keys[0], (cfg.moe.num_experts,))}
-  return layer, variables
+
+  @jax.jit
+  def init(x_BTD, seg_BT):
+    variables = nn.meta.unbox(layer.init(jax.random.key(seed), x_BTD, segment_ids_BT=seg_BT))
+    leaves, treedef = jax.tree.flatten(variables['params'])
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves) + 1)
+    leaves = [jax.random.normal(k, a.shape) * (a.shape[-2] ** -0.5 if a.ndim >= 2 else 0.3)
+              for k, a in zip(keys[1:], leaves)]
+    variables['params'] = jax.tree.unflatten(treedef, leaves)
+    if 'moe_bias' in variables:
+      variables['moe_bias'] = {'bias': 0.3 * jax.random.normal(keys[0], (cfg.moe.num_experts,))}
+    return variables
+
+  return layer, init(x_BTD, seg_BT)
+
+
+def jit_apply(layer, **kwargs):
+  """`layer.apply(variables, x_BTD, segment_ids_BT=seg_BT, **kwargs)` compiled once per shape."""
+  return jax.jit(lambda v, x, s: layer.apply(v, x, segment_ids_BT=s, **kwargs))
 
 
 ACTS = {
@@ -145,7 +155,7 @@ def test_dispatch_equals_every_expert_reference(case):
   # capacity_factor E/k gives every expert room for every token: nothing drops.
   for dispatch, factor in (('dropless', 1.0), ('dense', 1.0), ('capacity', m.num_experts / m.num_experts_per_tok)):
     run_cfg = moe_config(**CASES[case], **{'moe.dispatch': dispatch, 'moe.capacity_factor': factor})
-    y_BTD, aux, _ = moe.Moe(run_cfg).apply(variables, x_BTD, segment_ids_BT=seg_BT)
+    y_BTD, aux, _ = jit_apply(moe.Moe(run_cfg))(variables, x_BTD, seg_BT)
     np.testing.assert_allclose(np.asarray(y_BTD).reshape(-1, D), expected_TD, atol=1e-5, rtol=1e-5,
                                err_msg=dispatch)
     assert float(aux['moe/dropped_fraction']) == 0.0
@@ -166,12 +176,12 @@ def test_capacity_drops_exactly_the_overflow_when_one_expert_takes_everything(gr
   fits_T = np.arange(24) < 6 if group == 'batch' else np.arange(24) % 12 < 3
   slots = moe.capacity(cfg.moe, 24 if group == 'batch' else 12)
   assert slots == {'batch': math.ceil(1.0 * 24 * 1 / 4), 'row': math.ceil(1.0 * 12 * 1 / 4)}[group]
-  y_BTD, aux, _ = layer.apply(variables, x_BTD, segment_ids_BT=seg_BT)
+  y_BTD, aux, _ = jit_apply(layer)(variables, x_BTD, seg_BT)
   assert float(aux['moe/dropped_fraction']) == pytest.approx((21 - fits_T.sum()) / 21)
   np.testing.assert_allclose(aux['moe/load_E'], [1.0, 0.0, 0.0, 0.0])
   assert float(aux['moe/max_load']) == pytest.approx(4.0)
   dropless = moe_config(**{'moe.num_experts': 4, 'moe.num_experts_per_tok': 1})
-  full_BTD, _, _ = moe.Moe(dropless).apply(variables, x_BTD, segment_ids_BT=seg_BT)
+  full_BTD, _, _ = jit_apply(moe.Moe(dropless))(variables, x_BTD, seg_BT)
   y_TD, full_TD = np.asarray(y_BTD).reshape(-1, D), np.asarray(full_BTD).reshape(-1, D)
   np.testing.assert_allclose(y_TD[fits_T], full_TD[fits_T], atol=1e-6)  # the first tokens fit
   valid_T = np.asarray(seg_BT).reshape(-1) != 0
@@ -198,7 +208,7 @@ def test_capacity_keeps_each_experts_first_slots_first_choices_first(group):
         used[e] += 1
   dropped = np.sum(~keep_TX[valid_T])
   assert dropped > 0
-  y_BTD, aux, _ = layer.apply(variables, x_BTD, segment_ids_BT=seg_BT)
+  y_BTD, aux, _ = jit_apply(layer)(variables, x_BTD, seg_BT)
   expected_TD = combine(top_TX, weights_TX, out_ETD, keep_TX) + shared_TD
   np.testing.assert_allclose(np.asarray(y_BTD).reshape(-1, D), expected_TD, atol=1e-5, rtol=1e-5)
   assert float(aux['moe/dropped_fraction']) == pytest.approx(dropped / (2 * valid_T.sum()))
@@ -210,10 +220,11 @@ def test_row_capacity_does_not_depend_on_the_other_rows():
   cfg = moe_config(**{'moe.dispatch': 'capacity', 'moe.capacity_factor': 0.5,
                       'moe.capacity_group': 'row'})
   layer, variables = init_layer(cfg, x_BTD, seg_BT, seed=7)
-  y_BTD, aux, _ = layer.apply(variables, x_BTD, segment_ids_BT=seg_BT)
+  apply = jit_apply(layer)
+  y_BTD, aux, _ = apply(variables, x_BTD, seg_BT)
   assert float(aux['moe/dropped_fraction']) > 0
   for i in range(3):
-    alone_BTD, _, _ = layer.apply(variables, x_BTD[i:i + 1], segment_ids_BT=seg_BT[i:i + 1])
+    alone_BTD, _, _ = apply(variables, x_BTD[i:i + 1], seg_BT[i:i + 1])
     np.testing.assert_allclose(y_BTD[i], alone_BTD[0], atol=1e-6, err_msg=f'row {i}')
 
 
@@ -241,8 +252,8 @@ def test_bias_update_moves_loads_toward_balance_on_a_skewed_router():
   assert load_SE[0].max() > 0.5 and load_SE[0].argmax() == 0
   assert load_SE[-10:].max() < 0.35, load_SE[-10:]
   # Read-only (evaluation, decoding): the bias routes but does not move.
-  (_, aux, _), new = layer.apply({**variables, 'moe_bias': {'bias': bias_SE[-1]}}, x_BTD,
-                              segment_ids_BT=seg_BT, mutable=[])
+  (_, aux, _), new = jit_apply(layer, mutable=[])({**variables, 'moe_bias': {'bias': bias_SE[-1]}},
+                                                  x_BTD, seg_BT)
   assert not new and float(aux['moe/max_load']) < 1.4
 
 
@@ -258,16 +269,25 @@ def test_aux_and_z_losses_equal_hand_computed_values(router, aux_value):
   cfg = moe_config(**{'moe.num_experts': 2, 'moe.num_experts_per_tok': 1, 'moe.router': router,
                       'moe.aux_loss_weight': 0.01, 'moe.router_z_loss_weight': 0.001,
                       'moe.bias_update_rate': 0.0})
-  weights_TX, experts_TX, scores_TE = moe.route(logits_TE, jnp.zeros(2), cfg.moe)
+
+  @jax.jit
+  def losses(logits_TE, valid_T):
+    _, experts_TX, scores_TE = moe.route(logits_TE, jnp.zeros(2), cfg.moe)
+    return (experts_TX, moe.load_balancing_loss(scores_TE, experts_TX, valid_T),
+            moe.router_z_loss(logits_TE, valid_T))
+
+  experts_TX, aux_loss, z_loss = losses(logits_TE, valid_T)
   assert experts_TX[:, 0].tolist() == [0, 0, 1, 0]
-  assert float(moe.load_balancing_loss(scores_TE, experts_TX, valid_T)) == pytest.approx(aux_value, rel=1e-6)
-  assert float(moe.router_z_loss(logits_TE, valid_T)) == pytest.approx(math.log(4) ** 2, rel=1e-6)
+  assert float(aux_loss) == pytest.approx(aux_value, rel=1e-6)
+  assert float(z_loss) == pytest.approx(math.log(4) ** 2, rel=1e-6)
   # Through the layer: one-hot tokens pick rows of the router, and the weights apply.
   layer = moe.Moe(cfg)
-  x_BTD = jnp.eye(4, D)[None]
-  variables = nn.meta.unbox(layer.init(jax.random.key(0), x_BTD))
-  variables['params']['router'] = jnp.zeros((D, 2)).at[:4].set(logits_TE)
-  _, aux, _ = layer.apply(variables, x_BTD, segment_ids_BT=jnp.array([[1, 1, 2, 0]]))
+  x_BTD = np.eye(4, D, dtype=np.float32)[None]
+  variables = jax.jit(lambda x: nn.meta.unbox(layer.init(jax.random.key(0), x)))(x_BTD)
+  router_DE = np.zeros((D, 2), np.float32)
+  router_DE[:4] = logits_TE
+  variables['params']['router'] = router_DE
+  _, aux, _ = jit_apply(layer)(variables, x_BTD, np.array([[1, 1, 2, 0]], np.int32))
   assert float(aux['loss/moe_aux']) == pytest.approx(0.01 * aux_value, rel=1e-5)
   assert float(aux['loss/moe_router_z']) == pytest.approx(0.001 * math.log(4) ** 2, rel=1e-5)
 
@@ -328,14 +348,20 @@ def test_prefill_plus_decode_equals_full_forward():
   pos_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
   seg_BT = jnp.ones((b, t), jnp.int32)
   model = models.build(config)
-  variables = nn.meta.unbox(model.init(jax.random.key(0), tokens_BT, positions_BT=pos_BT,
-                                       segment_ids_BT=seg_BT))
-  variables['moe_bias'] = jax.tree.map(lambda a: a + jnp.arange(4) * 0.01, variables['moe_bias'])
+
+  @jax.jit
+  def init(x, p, s):
+    variables = nn.meta.unbox(model.init(jax.random.key(0), x, positions_BT=p, segment_ids_BT=s))
+    variables['moe_bias'] = jax.tree.map(lambda a: a + jnp.arange(4) * 0.01, variables['moe_bias'])
+    return variables
+
+  variables = init(tokens_BT, pos_BT, seg_BT)
   full_BTV, _, _ = jax.jit(model.apply)(variables, tokens_BT, positions_BT=pos_BT,
                                      segment_ids_BT=seg_BT)
   apply = jax.jit(lambda c, x, p, s: model.apply(variables, x, positions_BT=p, segment_ids_BT=s,
                                                  cache=c))
-  out_BTV, _, cache = apply(lm.init_cache(model.cfg, b, t), tokens_BT[:, :4], pos_BT[:, :4], seg_BT[:, :4])
+  cache = jax.jit(lambda: lm.init_cache(model.cfg, b, t))()
+  out_BTV, _, cache = apply(cache, tokens_BT[:, :4], pos_BT[:, :4], seg_BT[:, :4])
   outs = [out_BTV]
   for i in range(4, t):
     out_BTV, _, cache = apply(cache, tokens_BT[:, i:i + 1], pos_BT[:, i:i + 1], seg_BT[:, i:i + 1])
@@ -401,6 +427,7 @@ def test_top_k_is_lax_top_k_ties_included():
   x = np.random.default_rng(0).normal(size=(64, 3, 8)).astype(np.float32)
   x[:, :, 5] = x[:, :, 2]  # ties: the lower index first
   x[0, 0, :4] = -np.inf
+  both = jax.jit(lambda x, k: (moe.top_k(x, k), jax.lax.top_k(x, k)), static_argnums=1)
   for k in (1, 2, 5):
-    for got, want in zip(moe.top_k(jnp.asarray(x), k), jax.lax.top_k(jnp.asarray(x), k)):
+    for got, want in zip(*both(x, k)):
       np.testing.assert_array_equal(got, want)

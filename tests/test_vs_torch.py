@@ -5,6 +5,7 @@ Tiny models (d_model 32, 2 layers, seq 16, batch 2); skipped without torch. 35 s
 with other jobs, 2 minutes at load average 10; most of it start-up and compilation.
 """
 
+import functools
 import os
 
 import numpy as np
@@ -15,7 +16,6 @@ torch = pytest.importorskip('torch')
 import flax  # noqa: E402
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from configs import transformer  # noqa: E402
 from experiments.benchmarks import vs_torch  # noqa: E402
@@ -31,9 +31,10 @@ def random_params(cfg, seed=0):
   """archlab's parameter tree with weights large enough that logits are far from uniform:
   normal / sqrt(fan-in) matrices (embedding rows of unit scale), norm scales around 1."""
   model = models.build(cfg)
-  dummy_BT = jnp.zeros((1, 8), jnp.int32)
-  params = nn.meta.unbox(model.init(jax.random.key(seed), dummy_BT, positions_BT=dummy_BT,
-                                    segment_ids_BT=dummy_BT + 1)['params'])
+  dummy_BT = np.zeros((1, 8), np.int32)
+  params = jax.eval_shape(lambda: nn.meta.unbox(model.init(  # only the shapes are used
+      jax.random.key(seed), dummy_BT, positions_BT=dummy_BT, segment_ids_BT=dummy_BT + 1)[
+          'params']))
   flat = flax.traverse_util.flatten_dict(params)
   rng = np.random.default_rng(seed)
   out = {}
@@ -48,7 +49,7 @@ def random_params(cfg, seed=0):
       fan_in = shape[layer_axes] * (shape[layer_axes + 1] if path[-1] == 'o' else 1)
       out[path] = rng.standard_normal(shape) / np.sqrt(fan_in)
   return model, flax.traverse_util.unflatten_dict(
-      {k: jnp.asarray(v, jnp.float32) for k, v in out.items()})
+      {k: np.asarray(v, np.float32) for k, v in out.items()})
 
 
 @pytest.mark.parametrize('tie,scan,kv_heads', [(False, False, 2), (True, True, 1)])
@@ -58,9 +59,10 @@ def test_torch_decoder_logits_match_archlab(tie, scan, kv_heads):
   rng = np.random.default_rng(1)
   tokens_BT = rng.integers(0, cfg.vocab_size, (2, 16))
   positions_BT = np.broadcast_to(np.arange(16), (2, 16))
-  logits_BTV, _, _ = model.apply({'params': params}, jnp.asarray(tokens_BT),
-                              positions_BT=jnp.asarray(positions_BT),
-                              segment_ids_BT=jnp.ones((2, 16), jnp.int32))
+  # Jitted: run op by op, the forward compiles some 100 primitives.
+  logits_BTV, _, _ = jax.jit(lambda v, x, p, s: model.apply(
+      v, x, positions_BT=p, segment_ids_BT=s))({'params': params}, tokens_BT, positions_BT,
+                                               np.ones((2, 16), np.int32))
   torch_model = vs_torch.TorchDecoder(model.cfg)
   vs_torch.copy_params(torch_model, params, model.cfg)
   with torch.no_grad():
@@ -214,8 +216,10 @@ def test_decode_benchmark_mixer_rows_keep_a_constant_cache():
   sizes = {}
   for name, cfg in decode.stacks().items():
     cfg = models.build(cfg).cfg
-    sizes[name.split()[0]] = [sum(x.nbytes for x in jax.tree.leaves(lm.init_cache(cfg, 1, n)))
-                              for n in (1024, 32768)]
+    # Shapes only: allocating the caches runs init_cache op by op (some 60 compiles).
+    caches = [jax.eval_shape(functools.partial(lm.init_cache, cfg, 1, n)) for n in (1024, 32768)]
+    sizes[name.split()[0]] = [sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(c))
+                              for c in caches]
   assert set(sizes) == {'A', 'W', 'MLA', 'S', 'B', 'G', 'M'}
   assert sizes['G'][0] == sizes['G'][1] > 0 and sizes['M'][0] == sizes['M'][1] > 0
   assert sizes['A'][1] > 20 * sizes['A'][0]
