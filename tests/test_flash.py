@@ -5,6 +5,8 @@ and sinks); whole models with impl 'xla' (logits and parameter gradients: llama,
 style windows and sinks, MLA); prefill + step-by-step decode against the full forward.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,15 +23,16 @@ VOCAB = 260
 
 
 def qkv_case(b, t, n, k, h, hv, seed=0):
+  """Numpy arrays (jnp.asarray would compile a copy for each new shape)."""
   rng = np.random.default_rng(seed)
-  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
   q, key, v = normal(b, t, n, h), normal(b, t, k, h), normal(b, t, k, hv)
   # Row 0: two documents; row 1: one document then 3 padding tokens (segment 0).
   seg = np.ones((b, t), np.int32)
   pos = np.tile(np.arange(t, dtype=np.int32), (b, 1))
   seg[0, t // 3:], pos[0, t // 3:] = 2, pos[0, t // 3:] - t // 3
   seg[1, -3:], pos[1, -3:] = 0, 0
-  return q, key, v, jnp.asarray(pos), jnp.asarray(seg), normal(b, t, n, hv), normal(n)
+  return q, key, v, pos, seg, normal(b, t, n, hv), normal(n)
 
 
 @pytest.mark.parametrize('kw', [
@@ -50,9 +53,9 @@ def qkv_case(b, t, n, k, h, hv, seed=0):
 def test_flash_equals_reference_values_and_gradients(kw):
   kw = dict(dict(t=20, n=4, k=2, hv=8, block=8, causal=True, window=0, sinks=False, skip=True), **kw)
   q, k, v, pos, seg, w, sinks_N = qkv_case(2, kw['t'], kw['n'], kw['k'], 8, kw['hv'])
-  mask = attention.attention_mask(pos, seg, pos, seg, causal=kw['causal'], window=kw['window'])
 
   def reference(q, k, v, sinks_N):
+    mask = attention.attention_mask(pos, seg, pos, seg, causal=kw['causal'], window=kw['window'])
     return jnp.sum(attention.dot_attention(q, k, v, mask, 0.3, sinks_N=sinks_N) * w)
 
   def blocked(q, k, v, sinks_N):
@@ -63,11 +66,13 @@ def test_flash_equals_reference_values_and_gradients(kw):
 
   args = (q, k, v, sinks_N if kw['sinks'] else None)
   argnums = (0, 1, 2, 3) if kw['sinks'] else (0, 1, 2)
-  want, want_grads = jax.value_and_grad(reference, argnums)(*args)
-  got, got_grads = jax.value_and_grad(blocked, argnums)(*args)
+  # One program for both (op by op, the two compile some hundred primitives).
+  both = jax.jit(lambda *a: (jax.value_and_grad(reference, argnums)(*a),
+                             jax.value_and_grad(blocked, argnums)(*a)))
+  (want, want_grads), (got, got_grads) = both(*args)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
   for name, g, wg in zip('qkvs', got_grads, want_grads):
-    assert float(jnp.max(jnp.abs(wg))) > 0, name
+    assert np.max(np.abs(wg)) > 0, name
     np.testing.assert_allclose(g, wg, rtol=1e-4, atol=1e-4, err_msg=f'gradient of {name}')
 
 
@@ -75,10 +80,10 @@ def test_padding_rows_are_zero_and_their_gradients_finite():
   q, k, v, pos, seg, _, _ = qkv_case(2, 12, 2, 2, 8, 8)
   fn = lambda q: flash.attention(q, k, v, q_pos_BT=pos, q_seg_BT=seg, k_pos_BS=pos,
                                  k_seg_BS=seg, scale=0.3, causal=True, block=4, skip=True)
-  out = fn(q)
-  assert np.all(np.asarray(out[1, -3:]) == 0)
-  assert np.all(np.abs(np.asarray(out[1, :-3])) > 0)
-  grad = jax.grad(lambda q: jnp.sum(fn(q) ** 2))(q)
+  out, grad = jax.jit(lambda q: (fn(q), jax.grad(lambda q: jnp.sum(fn(q) ** 2))(q)))(q)
+  out = np.asarray(out)
+  assert np.all(out[1, -3:] == 0)
+  assert np.all(np.abs(out[1, :-3]) > 0)
   assert np.all(np.isfinite(np.asarray(grad)))
 
 
@@ -96,10 +101,8 @@ def test_visited_block_pairs_are_the_same_forward_and_backward():
     assert forward == visible, (tq, tk, window)
 
 
-def model_grads(config, tokens_BT, pos_BT, seg_BT):
+def model_grads(config, params, tokens_BT, pos_BT, seg_BT):
   model = models.build(config)
-  params = nn.meta.unbox(jax.jit(lambda r: model.init(
-      r, tokens_BT, positions_BT=pos_BT, segment_ids_BT=seg_BT))(jax.random.key(0))['params'])
 
   def loss(params):
     logits = model.apply({'params': params}, tokens_BT, positions_BT=pos_BT, segment_ids_BT=seg_BT)[0]
@@ -109,21 +112,40 @@ def model_grads(config, tokens_BT, pos_BT, seg_BT):
   return logits, grads
 
 
-@pytest.mark.parametrize('overrides', [
-    {},
-    {'pattern': 'AWFAWF', 'attention.window': 5, 'attention.sinks': True},
-    {'attention.kind': 'mla', 'attention.mla.q_rank': 16, 'attention.mla.kv_rank': 16,
-     'attention.mla.nope_head_dim': 8, 'attention.mla.rope_head_dim': 8,
-     'attention.mla.v_head_dim': 12},
-], ids=['llama', 'windows_sinks', 'mla'])
+MODEL_CASES = {
+    'llama': {},
+    'windows_sinks': {'pattern': 'AWFAWF', 'attention.window': 5, 'attention.sinks': True},
+    'mla': {'attention.kind': 'mla', 'attention.mla.q_rank': 16, 'attention.mla.kv_rank': 16,
+            'attention.mla.nope_head_dim': 8, 'attention.mla.rope_head_dim': 8,
+            'attention.mla.v_head_dim': 12},
+}
+
+
+def model_batch():
+  return packed_batch(jax.random.key(1), 2, 24, VOCAB, num_segments=3)
+
+
+def model_config(case, impl):
+  return tiny_model_config(**{'attention.causal_block': 8, **MODEL_CASES[case],
+                              'attention.impl': impl})
+
+
+@functools.cache
+def reference_model(case):
+  """(params, logits, grads) of the impl='xla' model, computed once for both impls tested."""
+  config, batch = model_config(case, 'xla'), model_batch()
+  model = models.build(config)
+  params = nn.meta.unbox(jax.jit(lambda r, x, p, s: model.init(
+      r, x, positions_BT=p, segment_ids_BT=s))(jax.random.key(0), *batch)['params'])
+  return (params, *model_grads(config, params, *batch))
+
+
+@pytest.mark.parametrize('case', list(MODEL_CASES))
 @pytest.mark.parametrize('impl', ['flash', 'auto'])  # auto: flash with a larger block on a CPU
-def test_model_with_flash_equals_model_with_reference(overrides, impl):
-  tokens_BT, pos_BT, seg_BT = packed_batch(jax.random.key(1), 2, 24, VOCAB, num_segments=3)
-  common = {'attention.causal_block': 8, **overrides}
-  want_logits, want_grads = model_grads(tiny_model_config(**common, **{'attention.impl': 'xla'}),
-                                        tokens_BT, pos_BT, seg_BT)
-  got_logits, got_grads = model_grads(tiny_model_config(**common, **{'attention.impl': impl}),
-                                      tokens_BT, pos_BT, seg_BT)
+def test_model_with_flash_equals_model_with_reference(case, impl):
+  # The parameters are the reference model's: the impl changes no parameter.
+  params, want_logits, want_grads = reference_model(case)
+  got_logits, got_grads = model_grads(model_config(case, impl), params, *model_batch())
   np.testing.assert_allclose(got_logits, want_logits, atol=1e-5, rtol=1e-5)
   for (path, g), wg in zip(jax.tree_util.tree_leaves_with_path(got_grads),
                            jax.tree.leaves(want_grads)):
@@ -138,13 +160,13 @@ def test_flash_prefill_plus_decode_equals_full_forward():
   pos_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
   seg_BT = jnp.ones((b, t), jnp.int32)
   model = models.build(config)
-  params = nn.meta.unbox(model.init(jax.random.key(0), tokens_BT, positions_BT=pos_BT,
-                                    segment_ids_BT=seg_BT)['params'])
+  init = jax.jit(lambda r, x, p, s: model.init(r, x, positions_BT=p, segment_ids_BT=s))
+  params = nn.meta.unbox(init(jax.random.key(0), tokens_BT, pos_BT, seg_BT)['params'])
   apply = jax.jit(lambda c, x, p, s: model.apply({'params': params}, x, positions_BT=p,
                                                  segment_ids_BT=s, cache=c))
-  full_BTV = model.apply({'params': params}, tokens_BT, positions_BT=pos_BT, segment_ids_BT=seg_BT)[0]
-  out_BTV, _, cache = apply(lm.init_cache(model.cfg, b, t), tokens_BT[:, :prefill],
-                       pos_BT[:, :prefill], seg_BT[:, :prefill])
+  full_BTV, _, _ = apply(None, tokens_BT, pos_BT, seg_BT)
+  cache = jax.jit(lambda: lm.init_cache(model.cfg, b, t))()
+  out_BTV, _, cache = apply(cache, tokens_BT[:, :prefill], pos_BT[:, :prefill], seg_BT[:, :prefill])
   outs = [out_BTV]
   for i in range(prefill, t):
     out_BTV, _, cache = apply(cache, tokens_BT[:, i:i + 1], pos_BT[:, i:i + 1], seg_BT[:, i:i + 1])
