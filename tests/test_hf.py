@@ -14,6 +14,7 @@ import sys
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -79,33 +80,32 @@ def hf_logits(model, tokens_BT):
     return model(torch.tensor(np.asarray(tokens_BT))).logits.numpy()
 
 
-# Jitted, one program per model (equal configs build equal, hashable modules): run op by op,
-# a tiny model's init or forward compiles some 100-500 primitives.
+# One jitted program per model config (a FrozenConfigDict: hashable, and models.build copies
+# it, so what the model does to its own copy leaves the key equal to the next call's): run op
+# by op, a tiny model's forward compiles some 100-300 primitives.
 @functools.partial(jax.jit, static_argnums=0)
-def _forward(model, variables, tokens_BT):
+def _forward(model_config, variables, tokens_BT):
   b, t = tokens_BT.shape
   positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
-  logits_BTV, _, _ = model.apply(variables, tokens_BT, positions_BT=positions_BT,
-                                 segment_ids_BT=jnp.ones_like(positions_BT))
+  logits_BTV, _, _ = models.build(model_config).apply(
+      variables, tokens_BT, positions_BT=positions_BT, segment_ids_BT=jnp.ones_like(positions_BT))
   return logits_BTV
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _init(model, length, seed):
-  dummy_BT = jnp.zeros((1, length), jnp.int32)
-  return nn.meta.unbox(model.init(jax.random.key(seed), dummy_BT, positions_BT=dummy_BT,
-                                  segment_ids_BT=dummy_BT + 1))
 
 
 def archlab_logits(config, params, tokens_BT, collections=None):
   variables = {'params': params, **(collections or {})}
-  return np.asarray(_forward(models.build(config.model), variables, np.asarray(tokens_BT)))
+  return np.asarray(_forward(ml_collections.FrozenConfigDict(config.model), variables,
+                             np.asarray(tokens_BT)))
 
 
 def archlab_init(model_config, length=1, seed=0):
-  """Every variable collection of `models.build(model_config)`'s init on a (1, length) dummy
-  row, unboxed."""
-  return _init(models.build(model_config), length, seed)
+  """Every variable collection of `models.build(model_config)`'s init on a (1, length) row,
+  unboxed. lazy_init runs only the initializers (op by op, the values init gives), not the
+  forward: each initializer shape compiles once per process, where one jitted init (every
+  initializer inlined) compiles for seconds per config."""
+  row_BT = jax.ShapeDtypeStruct((1, length), jnp.int32)
+  return nn.meta.unbox(models.build(model_config).lazy_init(
+      jax.random.key(seed), row_BT, positions_BT=row_BT, segment_ids_BT=row_BT))
 
 
 def run_config(scan_layers):

@@ -431,3 +431,16 @@ def test_top_k_is_lax_top_k_ties_included():
   for k in (1, 2, 5):
     for got, want in zip(*both(x, k)):
       np.testing.assert_array_equal(got, want)
+
+
+def test_a_shared_expert_leaves_the_model_config_as_it_was():
+  """The shared expert's MLP gets its own width in a copy of the config: the model's config
+  hashes and compares as before the trace (jit caches keyed on it stay valid)."""
+  cfg = tiny_model_config('deepseek_v3_tiny')
+  model = models.build(cfg)
+  before, width = hash(model.cfg), model.cfg.mlp_dim
+  x_BT = jnp.zeros((1, 4), jnp.int32)
+  jax.eval_shape(lambda: model.init(jax.random.key(0), x_BT, positions_BT=x_BT,
+                                    segment_ids_BT=x_BT + 1))
+  assert hash(model.cfg) == before and model.cfg.mlp_dim == width
+  assert model.cfg == models.build(cfg).cfg

@@ -394,7 +394,9 @@ class Moe(sublayer.Sublayer):
     y_BTD = y_TD.reshape(b, t, d).astype(dtype)
 
     if m.num_shared_experts:
-      shared_cfg = cfg.as_configdict()
+      # A copy: as_configdict() hands out the frozen config's own fields, and writing them
+      # changed the model config's hash and equality after its first trace.
+      shared_cfg = ml_collections.ConfigDict(cfg.to_dict())
       shared_cfg.mlp_dim = shared_dim(cfg)
       shared_BTD, _, _ = mlp.Mlp(ml_collections.FrozenConfigDict(shared_cfg), name='shared')(x_BTD)
       if m.shared_expert_gate:
