@@ -236,8 +236,9 @@ def m_layer_pair(torch, b, t, heads, head_dim, state_dim, chunk, seed=0):
   x = rng.standard_normal((b, t, cfg.d_model)).astype(np.float32)
   cot = rng.standard_normal((b, t, cfg.d_model)).astype(np.float32)
   seg = jnp.ones((b, t), jnp.int32)
-  params = nn.meta.unbox(layer.init(jax.random.key(seed), jnp.asarray(x[:, :8]),
-                                    positions_BT=seg[:, :8], segment_ids_BT=seg[:, :8])['params'])
+  params = nn.meta.unbox(jax.jit(lambda r, x_BTD: layer.init(
+      r, x_BTD, positions_BT=seg[:, :8], segment_ids_BT=seg[:, :8]))(
+          jax.random.key(seed), jnp.asarray(x[:, :8]))['params'])  # one compile, not ~100
   # Weights of unit scale (the initialisation's are too small to exercise the norm and gate).
   unit = 1.0 / (cfg.init_std * cfg.d_model ** 0.5)
   params = {k: v * unit if v.ndim > 1 and k != 'conv' else v for k, v in params.items()}
@@ -332,8 +333,9 @@ def sublayer_step(char: str, cfg, b: int, t: int, seed: int = 0):
   seg = jnp.ones((b, t), jnp.int32)
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   x = jax.random.normal(jax.random.key(seed), (b, t, cfg.d_model), jnp.float32)
-  params = nn.meta.unbox(layer.init(jax.random.key(seed), x[:, :8], positions_BT=pos[:, :8],
-                                    segment_ids_BT=seg[:, :8])['params'])
+  params = nn.meta.unbox(jax.jit(lambda r, x_BTD: layer.init(
+      r, x_BTD, positions_BT=pos[:, :8], segment_ids_BT=seg[:, :8]))(
+          jax.random.key(seed), x[:, :8])['params'])  # one compile, not ~100
 
   @jax.jit
   def step(p, x_BTD):
