@@ -137,10 +137,11 @@ def test_packed_documents_do_not_see_each_other(preset, causal_block):
   config = tiny_model_config(preset, **{'attention.causal_block': causal_block})
   tokens_BT, pos_BT, seg_BT = packed_batch(jax.random.key(5), 1, 16, 260, num_segments=2)
   model, params, packed_BTV, _ = init_and_apply(config, tokens_BT, pos_BT, seg_BT)
+  apply = jax.jit(lambda x, p, s: model.apply({'params': params}, x, positions_BT=p,
+                                              segment_ids_BT=s)[0])
   for seg in (1, 2):
     cols = np.nonzero(np.asarray(seg_BT[0]) == seg)[0]
-    alone_BTV, _, _ = model.apply({'params': params}, tokens_BT[:, cols], positions_BT=pos_BT[:, cols],
-                               segment_ids_BT=jnp.ones_like(seg_BT[:, cols]))
+    alone_BTV = apply(tokens_BT[:, cols], pos_BT[:, cols], jnp.ones_like(seg_BT[:, cols]))
     np.testing.assert_allclose(packed_BTV[:, cols], alone_BTV, atol=1e-5)
 
 
@@ -152,7 +153,8 @@ def test_scan_and_unrolled_layers_compute_the_same_function():
   blocks = flat.pop('blocks')
   for r in range(2):
     flat[f'block_{r}'] = jax.tree.map(lambda a, r=r: a[r], blocks)
-  unrolled_BTV, _, _ = unrolled.apply({'params': flat}, tokens_BT, positions_BT=pos_BT, segment_ids_BT=seg_BT)
+  unrolled_BTV = jax.jit(lambda v: unrolled.apply(v, tokens_BT, positions_BT=pos_BT,
+                                                  segment_ids_BT=seg_BT)[0])({'params': flat})
   np.testing.assert_allclose(unrolled_BTV, scanned_BTV, atol=1e-5)
 
 
