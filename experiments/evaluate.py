@@ -30,6 +30,13 @@ masked position is the answer (masked diffusion predicts position l's own token,
 This is the model's answer with no other answer known; eval.json's `scoring` says which rule
 scored a run.
 
+`answer_nll` is the negative log-likelihood of the answers, in nats per answer token: exact
+(teacher-forced) for next-token runs; for diffusion runs LLaDA's estimator over the answer
+tokens (`NLL_SAMPLES` draws per instance: l of its L answer tokens masked, l uniform in 1..L,
+the masked ones' NLL weighted L / l, MASK never predicted), which bounds the NLL from above in
+expectation (`models/diffusion_likelihood.py` holds the same estimator for a prompt and a
+response).
+
 eval.json (in the workdir, or `--output`) keeps earlier results of the same checkpoint and
 adds these, keyed by task spec.
 """
@@ -72,10 +79,13 @@ _OUTPUT = flags.FLAGS['output']  # experiments.sample's --output: here the eval.
 _SWEEP_DIR = flags.DEFINE_string('sweep_dir', None, 'Score every finished run of a sweep.')
 
 SCORING = ('teacher-forced: the argmax at each answer token against the answer (causal '
-           'next-token models)')
+           'next-token models); answer_nll teacher-forced, exact')
 DIFFUSION_OBJECTIVES = ('masked_diffusion', 'block_diffusion')
+NLL_SAMPLES = 8  # LLaDA-estimator draws per instance for a diffusion run's answer_nll
 DIFFUSION_SCORING = ('one parallel denoising step: every answer token masked at once, the '
-                     'argmax at each masked answer position against the answer')
+                     'argmax at each masked answer position against the answer; answer_nll '
+                     f"by LLaDA's estimator over the answers ({NLL_SAMPLES} draws an instance: "
+                     'an upper bound in expectation)')
 
 
 def diffusion_rows(batch, mask_id: int):
@@ -154,18 +164,21 @@ def _score_fn(model):
   def score(variables, batch):
     logits_BTV, _, _ = model.apply(variables, batch['inputs'], positions_BT=batch['positions'],
                                    segment_ids_BT=batch['segment_ids'])
-    right_BT = (jnp.argmax(logits_BTV.astype(jnp.float32), axis=-1) == batch['targets'])
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    right_BT = (jnp.argmax(logits_BTV, axis=-1) == batch['targets'])
     scored_BT = batch['weights'] > 0
-    return (jnp.sum(right_BT & scored_BT, axis=-1), jnp.sum(scored_BT, axis=-1))
+    logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV), batch['targets'][..., None],
+                                  -1)[..., 0]
+    return (jnp.sum(right_BT & scored_BT, axis=-1), jnp.sum(scored_BT, axis=-1),
+            -jnp.sum(jnp.where(scored_BT, logp_BT, 0.0), axis=-1))
   return score
 
 
-def _diffusion_score_fn(model, mask_id: int, block: bool):
+def _diffusion_score_fn(model, mask_id: int, block: bool, nll_samples: int = NLL_SAMPLES):
   """The score of `diffusion_rows` through a bidirectional denoiser; with `block`, over
-  [z, x] as block diffusion trains (each block sees the clean earlier blocks)."""
-  @jax.jit
-  def score(variables, batch):
-    z_BS, x_BS, answer_BS = diffusion_rows(batch, mask_id)
+  [z, x] as block diffusion trains (each block sees the clean earlier blocks). The answer NLL
+  is LLaDA's estimator over the answer tokens, `nll_samples` draws (module docstring)."""
+  def denoise(variables, z_BS, x_BS):
     rows, length = x_BS.shape
     pos_BS = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (rows, length))
     seg_BS = jnp.ones_like(pos_BS)
@@ -173,11 +186,31 @@ def _diffusion_score_fn(model, mask_id: int, block: bool):
       both = lambda a, b: jnp.concatenate([a, b], axis=1)
       logits_BSV, _, _ = model.apply(variables, both(z_BS, x_BS), positions_BT=both(pos_BS, pos_BS),
                                      segment_ids_BT=both(seg_BS, seg_BS))
-      logits_BSV = logits_BSV[:, :length]
-    else:
-      logits_BSV, _, _ = model.apply(variables, z_BS, positions_BT=pos_BS, segment_ids_BT=seg_BS)
-    right_BS = jnp.argmax(logits_BSV.astype(jnp.float32), axis=-1) == x_BS
-    return jnp.sum(right_BS & answer_BS, axis=-1), jnp.sum(answer_BS, axis=-1)
+      return logits_BSV[:, :length].astype(jnp.float32)
+    logits_BSV, _, _ = model.apply(variables, z_BS, positions_BT=pos_BS, segment_ids_BT=seg_BS)
+    return logits_BSV.astype(jnp.float32)
+
+  def estimate(variables, x_BS, answer_BS, key):
+    """One draw of LLaDA's estimator per row: l of the L answers masked, NLL times L / l."""
+    count_B = jnp.sum(answer_BS, -1)
+    key_l, key_order = jax.random.split(key)
+    l_B = jnp.floor(jax.random.uniform(key_l, count_B.shape) * count_B).astype(jnp.int32) + 1
+    order_BS = jnp.where(answer_BS, jax.random.uniform(key_order, x_BS.shape), 2.0)
+    rank_BS = jnp.argsort(jnp.argsort(order_BS, -1), -1)  # answers first, in random order
+    masked_BS = answer_BS & (rank_BS < l_B[:, None])
+    logits_BSV = denoise(variables, jnp.where(masked_BS, mask_id, x_BS), x_BS)
+    logp_BSV = jax.nn.log_softmax(logits_BSV.at[..., mask_id].set(-jnp.inf))  # SUBS
+    logp_BS = jnp.take_along_axis(logp_BSV, x_BS[..., None], -1)[..., 0]
+    nll_B = -jnp.sum(jnp.where(masked_BS, logp_BS, 0.0), -1)
+    return jnp.where(count_B > 0, nll_B * count_B / l_B, 0.0)
+
+  @jax.jit
+  def score(variables, batch, key):
+    z_BS, x_BS, answer_BS = diffusion_rows(batch, mask_id)
+    right_BS = jnp.argmax(denoise(variables, z_BS, x_BS), axis=-1) == x_BS
+    nll_B = jax.lax.map(lambda k: estimate(variables, x_BS, answer_BS, k),
+                        jax.random.split(key, nll_samples)).mean(0)
+    return jnp.sum(right_BS & answer_BS, axis=-1), jnp.sum(answer_BS, axis=-1), nll_B
   return score
 
 
@@ -212,7 +245,8 @@ def evaluate(model_config, variables, tokenizer, specs: list[str], *, instances:
     score = _diffusion_score_fn(model, diffusion_mask_id(objective, tokenizer),
                                 block=name == 'block_diffusion')
   elif name == 'next_token':
-    score = _score_fn(model)
+    next_token = _score_fn(model)
+    score = lambda variables, batch, key: next_token(variables, batch)  # noqa: E731
   else:
     raise errors.ConfigError(f'objective.name={name!r}: evaluate scores next_token and '
                              f'{sorted(DIFFUSION_OBJECTIVES)} runs')
@@ -220,16 +254,17 @@ def evaluate(model_config, variables, tokenizer, specs: list[str], *, instances:
   results = {}
   for task in tasks:
     n = instances or task.num_test
-    correct, count = [], []
+    correct, count, nll = [], [], []
     for start in range(0, n, batch_size):
       rows = [tasks_lib.pad_row(task.instance('test', i), task.seq_len, tokenizer.pad_id)
               for i in range(start, min(n, start + batch_size))]
       real = len(rows)
       rows += [dict(rows[0], weights=np.zeros_like(rows[0]['weights']))] * (batch_size - real)
       batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
-      right_B, scored_B = jax.device_get(score(variables, batch))
+      right_B, scored_B, nll_B = jax.device_get(score(variables, batch, jax.random.key(start)))
       correct.append(right_B[:real])
       count.append(scored_B[:real])
+      nll.append(nll_B[:real])
     correct_I, count_I = np.concatenate(correct), np.concatenate(count)
     accuracy, low, high = _interval_ratio(correct_I.astype(np.float64), count_I.astype(np.float64))
     solved = int(np.sum(correct_I == count_I))
@@ -238,6 +273,7 @@ def evaluate(model_config, variables, tokenizer, specs: list[str], *, instances:
         'instances': int(n), 'answer_tokens': int(count_I.sum()),
         'accuracy': accuracy, 'accuracy_interval': [low, high],
         'exact_match': solved / n, 'exact_match_interval': list(_wilson(solved, n)),
+        'answer_nll': float(np.concatenate(nll).sum() / max(count_I.sum(), 1)),
         'seq_len': task.seq_len, 'state_bytes': state_bytes(model_config, task.seq_len),
     }
     logging.info('evaluate: %s accuracy %.4f [%.4f, %.4f], exact match %.4f (%d instances)',

@@ -50,6 +50,8 @@ def test_scores_equal_an_oracle_on_a_zero_model(run_dir):
   assert result['answer_tokens'] == 40 * 6
   assert result['accuracy'] == pytest.approx(zeros_I.sum() / 240)
   assert result['exact_match'] == pytest.approx(np.mean(zeros_I == 6))
+  # Zero logits: every answer token has probability 1 / V, teacher-forced.
+  assert result['answer_nll'] == pytest.approx(np.log(model_config.vocab_size), rel=1e-5)
   low, high = result['accuracy_interval']
   assert low < result['accuracy'] < high and 0.2 < result['accuracy'] < 0.8  # ids 0, 1 of 2
   # MQAR's answers are values (the upper half of the ids): never 0.
@@ -145,6 +147,9 @@ def test_diffusion_scoring_against_oracles(run_dir, objective):
   zeros = sum(np.sum(a['targets'][a['answer']] == 0) for a in answers)
   assert result['answer_tokens'] == 24 * 6 and 0 < zeros < 24 * 6
   assert result['accuracy'] == pytest.approx(zeros / (24 * 6))
+  # LLaDA's estimator on zero logits: each masked answer costs log(V - 1) (MASK excluded), and
+  # l masked of L weighted L / l is exactly L log(V - 1) per instance, whatever the draws.
+  assert result['answer_nll'] == pytest.approx(np.log(model_config.vocab_size - 1), rel=1e-5)
 
   vocab, width = params['embed'].shape  # 68 x 64: every id these rows hold (< 60) is one-hot
   copy = jax.tree_util.tree_map_with_path(
