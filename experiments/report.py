@@ -439,6 +439,7 @@ def capability(sweep: Sweep) -> list[dict]:
       if key not in chosen or val_loss < chosen[key]['val_loss']:
         chosen[key] = {'val_loss': val_loss, 'run': run['name'], 'accuracy': r['accuracy'],
                        'exact_match': r['exact_match'], 'state_bytes': r['state_bytes'],
+                       'answer_nll': r.get('answer_nll'),  # absent from older eval.json
                        'lr': meta.get('lr'), 'weight_decay': meta.get('weight_decay')}
   groups: dict[tuple, list[dict]] = {}
   for (model, setting, budget, _), point in sorted(chosen.items(), key=lambda kv: str(kv[0])):
@@ -453,6 +454,8 @@ def capability(sweep: Sweep) -> list[dict]:
                  'runs': [p['run'] for p in points], 'accuracy': acc,
                  'mean': float(np.mean(acc)), 'min': min(acc), 'max': max(acc),
                  'exact_match': float(np.mean([p['exact_match'] for p in points])),
+                 'answer_nll': (None if any(p['answer_nll'] is None for p in points) else
+                                float(np.mean([p['answer_nll'] for p in points]))),
                  'state_bytes': points[0]['state_bytes'],
                  'chosen': [{'lr': p['lr'], 'weight_decay': p['weight_decay']} for p in points]})
   return rows
@@ -466,12 +469,14 @@ def _capability_section(sweep: Sweep, images: dict) -> list[str]:
          'Test accuracy on held-out task instances (`experiments.evaluate`: the fraction of '
          'answer tokens whose argmax is right; exact match: instances with every answer token '
          'right). For each model, task and seed the learning-rate grid point with the lowest '
-         'validation loss is kept; mean over seeds, [min, max]. State: the decode cache of one '
-         'sequence at the task\'s length.', '']
-  out += _table(['task', 'model', 'budget', 'accuracy', '[min, max]', 'exact match', 'seeds',
-                 'state (KiB)', 'chosen lr / wd'],
+         'validation loss is kept; mean over seeds, [min, max]. Answer NLL: nats per answer '
+         'token (teacher-forced; LLaDA\'s estimator, an upper bound, for diffusion runs). '
+         'State: the decode cache of one sequence at the task\'s length.', '']
+  out += _table(['task', 'model', 'budget', 'accuracy', '[min, max]', 'exact match',
+                 'answer NLL', 'seeds', 'state (KiB)', 'chosen lr / wd'],
                 [[f'`{r["task"]}`', r['model'], f'{r["budget"]:.3g}', f'{r["mean"]:.4f}',
                   f'[{r["min"]:.4f}, {r["max"]:.4f}]', f'{r["exact_match"]:.4f}',
+                  '-' if r['answer_nll'] is None else f'{r["answer_nll"]:.4f}',
                   str(len(r['accuracy'])), f'{r["state_bytes"] / 1024:.1f}',
                   ', '.join('-' if c['lr'] is None else f'{c["lr"]:g} / {c["weight_decay"]:g}'
                             for c in r['chosen'])] for r in rows])

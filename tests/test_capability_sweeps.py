@@ -2,6 +2,7 @@
 a new model joins by one entry, and the micro MQAR sweep runs end to end (train, evaluate the
 sweep, report its accuracy table)."""
 
+import json
 import os
 
 import numpy as np
@@ -50,6 +51,10 @@ def test_micro_mqar_sweep_end_to_end(tmp_path):
   row, = result['capability']
   assert row['model'] == 'attention' and row['task'] == 'mqar:seq_len=32,vocab_size=64'
   assert 0.0 <= row['mean'] <= 1.0 and row['chosen'] == [{'lr': 0.01, 'weight_decay': 0.0}]
+  with open(os.path.join(tmp_path, 'runs', runs[0].name, 'eval.json')) as f:
+    scored, = json.load(f)['tasks'].values()
+  assert row['answer_nll'] == scored['answer_nll'] > 0
   with open(os.path.join(tmp_path, 'report.md')) as f:
-    assert '## Capability evaluations' in f.read()
+    text = f.read()
+  assert '## Capability evaluations' in text and f'| {row["answer_nll"]:.4f} |' in text
   assert os.path.isfile(os.path.join(tmp_path, 'accuracy.png'))
