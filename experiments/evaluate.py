@@ -161,7 +161,8 @@ def state_bytes(model_config, length: int) -> int:
 
 def _score_fn(model):
   @jax.jit
-  def score(variables, batch):
+  def score(variables, batch, key):
+    del key  # teacher-forced: nothing is drawn (the diffusion score's draws take it)
     logits_BTV, _, _ = model.apply(variables, batch['inputs'], positions_BT=batch['positions'],
                                    segment_ids_BT=batch['segment_ids'])
     logits_BTV = logits_BTV.astype(jnp.float32)
@@ -245,8 +246,7 @@ def evaluate(model_config, variables, tokenizer, specs: list[str], *, instances:
     score = _diffusion_score_fn(model, diffusion_mask_id(objective, tokenizer),
                                 block=name == 'block_diffusion')
   elif name == 'next_token':
-    next_token = _score_fn(model)
-    score = lambda variables, batch, key: next_token(variables, batch)  # noqa: E731
+    score = _score_fn(model)
   else:
     raise errors.ConfigError(f'objective.name={name!r}: evaluate scores next_token and '
                              f'{sorted(DIFFUSION_OBJECTIVES)} runs')
