@@ -22,6 +22,7 @@ import ml_collections
 import errors
 import models
 from models.layers import attention  # noqa: F401  (registers A, W)
+from models.layers import base_conv  # noqa: F401  (registers C)
 from models.layers import common
 from models.layers import deltanet  # noqa: F401  (registers G)
 from models.layers import dsa  # noqa: F401  (registers S)
