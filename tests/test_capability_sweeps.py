@@ -24,19 +24,29 @@ def test_plans_cover_models_and_reference_grids(tmp_path):
                              np.logspace(-3, -1.5, 4), rtol=1e-3)           # Zoology's grid
   assert any('--config.data.task=mqar:' in c for c in runs[0].command)
   assert '--config.model.vocab_size=8196' in runs[0].command
+  # Zoology's layout: BaseConv then the mixer, no MLP, no positions, tied embeddings
+  attention = next(r for r in runs if sweep.capability[r.architecture]['model'] == 'attention')
+  for field in ('pattern=CA', 'position=none', 'norm=layernorm', 'tie_embeddings=True',
+                'num_heads=1'):
+    assert f'--config.model.{field}' in attention.command, field
   sweep, module = sweep_lib.load_sweep('configs/sweeps/mad.py:preset=mad,task=memorization')
   grid = {(sweep.capability[a]['lr'], sweep.capability[a]['weight_decay'])
           for a in sweep.architectures}
   assert grid == {(lr, wd) for lr in (1e-4, 5e-4, 1e-3) for wd in (0.0, 0.1)}  # MAD's grid
   assert sweep.seq_len == 32
+  runs = sweep_lib.plan(module, sweep, str(tmp_path / 'mad'))
+  attention = next(r for r in runs if sweep.capability[r.architecture]['model'] == 'attention')
+  assert '--config.model.pattern=AFAF' in attention.command  # MAD's (mixer, MLP) blocks
 
 
 def test_a_new_model_joins_by_name(monkeypatch, tmp_path):
   monkeypatch.setitem(capability.MODELS, 'attention_wide_mlp',
-                      dict(preset='llama_tiny', mixer='A', overrides={'model.mlp_dim': 256}))
+                      dict(preset='llama_tiny', mixer='A', zoology='CAF',
+                           overrides={'model.mlp_dim': 256}))
   sweep, module = sweep_lib.load_sweep('configs/sweeps/mqar.py:preset=micro,models=attention_wide_mlp')
   runs = sweep_lib.plan(module, sweep, str(tmp_path))
   assert len(runs) == 1 and '--config.model.mlp_dim=256' in runs[0].command
+  assert '--config.model.pattern=CAF' in runs[0].command
   with pytest.raises(errors.ConfigError, match="model 'dsa' is not one of"):
     sweep_lib.load_sweep('configs/sweeps/mad.py:preset=micro,models=dsa')
 

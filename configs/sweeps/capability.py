@@ -9,20 +9,33 @@ validation loss (the answer tokens' NLL on the `val` split; the references pick 
 accuracy itself), and reports its test accuracy with the spread over seeds and the model's
 decode-state size.
 
-Every model is `layers` blocks of (sequence mixer, MLP) at width d (heads of 16 below d=256,
-64 from there; SwiGLU MLP 8d/3; Mamba-2 heads of the same head dim, expand 2), from the preset
-named in MODELS (which brings its positions and mixer fields):
+Two layouts, the sweep's `layout` field, each as its reference builds models at width d:
 
-  attention        A   llama_tiny's attention (RoPE, GQA: half as many kv heads)
-  sliding_window   W   the same over a window of `window` positions (the sweep's field)
-  moe              A   with a mixture-of-experts MLP (E: 4 experts, top 2, capacity dispatch)
-  deltanet         G   gated DeltaNet (no positions)
-  mamba2           M   Mamba-2 (no positions)
-  deltanet_hybrid  G/A half the mixers attention (1 of 2 layers; Qwen3-Next's 1 of 4 needs 4)
-  mamba2_hybrid    M/A the same with Mamba-2
+`zoology` (MQAR; HazyResearch/zoology, `experiments/models_repo.py` and `model.py`):
+LayerNorm, tied embeddings, no positions, no MLP (Zoology's `state_mixer` is the identity),
+each mixer preceded by a gated short convolution `C` (Zoology's BaseConv, kernel 3, through
+its `Hybrid`: layer 0 the convolution, layer 1 the mixer), as the pattern `zoology` below.
+
+`mad` (MAD; athms/mad-lab's baselines): `layers` blocks of (sequence mixer, MLP) (heads of 16
+below d=256, 64 from there; SwiGLU MLP 8d/3; Mamba-2 heads of the same head dim, expand 2),
+with the positions and mixer fields of the preset named in MODELS.
+
+  model            zoology  mad   what
+  attention        CA       AF    attention (Zoology's MHA: one head; MAD: GQA, RoPE)
+  sliding_window   CW       WF    the same over a window of `window` positions (the sweep's)
+  moe              CAE      AE    with a mixture-of-experts MLP (4 experts, top 2, capacity)
+  deltanet         CG       GF    gated DeltaNet (Zoology: 2 heads; its own short convs)
+  mamba2           MM       MF    Mamba-2 (Zoology's Mamba2Block: no BaseConv, no MLP)
+  deltanet_hybrid  CGCA     G/A   half the mixers attention (Zoology has no hybrids)
+  mamba2_hybrid    MCA      M/A   the same with Mamba-2
+
+The convolution is what lets two layers solve recall quickly (it writes each key into its
+value's position, so the mixer only matches the query against it): with a (mixer, MLP) x 2
+stack and RoPE instead, attention on MQAR (64, 4) stayed at the 25% plateau of "some value
+of the context" after 5,000 steps here, where CA reaches 99% in a few hundred (2026-12-04).
 
 A sublayer that lands later joins by one entry here, e.g. DSA sparse attention as
-`MODELS['dsa'] = dict(preset='dsa_tiny', mixer='S')` or a block-sparse variant the same way;
+`MODELS['dsa'] = dict(preset='deepseek_v32_tiny', mixer='S', zoology='CS')` or a block-sparse variant the same way;
 every sweep preset that lists all MODELS takes it up, and `models=` names it in any preset.
 """
 
@@ -35,17 +48,20 @@ from configs import common
 from input_pipeline import tasks as tasks_lib
 
 MODELS = {
-    'attention': dict(preset='llama_tiny', mixer='A'),
-    'sliding_window': dict(preset='llama_tiny', mixer='W'),
-    'moe': dict(preset='llama_tiny', mixer='A', mlp='E',
+    'attention': dict(preset='llama_tiny', mixer='A', zoology='CA', heads=1),
+    'sliding_window': dict(preset='llama_tiny', mixer='W', zoology='CW', heads=1),
+    'moe': dict(preset='llama_tiny', mixer='A', mlp='E', zoology='CAE', heads=1,
                 overrides={'model.moe.num_experts': 4, 'model.moe.num_experts_per_tok': 2,
                            'model.moe.dispatch': 'capacity'}),
-    'deltanet': dict(preset='deltanet_tiny', mixer='G'),
+    'deltanet': dict(preset='deltanet_tiny', mixer='G', zoology='CG', heads=2),
     'mamba2': dict(preset='mamba2_hybrid_tiny', mixer='M', attention_fraction=0.0,
-                   overrides={'model.position': 'none'}),
-    'deltanet_hybrid': dict(preset='deltanet_hybrid_tiny', mixer='G', attention_fraction=0.5),
-    'mamba2_hybrid': dict(preset='mamba2_hybrid_tiny', mixer='M', attention_fraction=0.5),
+                   zoology='MM', overrides={'model.position': 'none'}),
+    'deltanet_hybrid': dict(preset='deltanet_hybrid_tiny', mixer='G', attention_fraction=0.5,
+                            zoology='CGCA', heads=2),
+    'mamba2_hybrid': dict(preset='mamba2_hybrid_tiny', mixer='M', attention_fraction=0.5,
+                          zoology='MCA', heads=1),
 }
+LAYOUTS = ('zoology', 'mad')
 
 
 def _label(x: float) -> str:
@@ -100,34 +116,41 @@ def sweep_config(module_name: str, preset: str, *, models: list[str], tasks: lis
 
 
 def size_overrides(arch: dict, d: int, sweep) -> dict:
-  """The fields of one protocol point at width `d` with `sweep.layers` (mixer, MLP) blocks."""
+  """The fields of one protocol point at width `d` in the sweep's `layout`, with the task's
+  vocabulary."""
   m = MODELS[arch['model']]
-  head_dim = 16 if d < 256 else 64
-  heads = max(1, d // head_dim)
-  layers = sweep.layers
-  if 'attention_fraction' in m:
-    pattern = common.hybrid_pattern(m['mixer'], m['attention_fraction'], layers,
-                                    m.get('mlp', 'F'))
+  if sweep.layout not in LAYOUTS:
+    raise errors.ConfigError(f'sweep.layout={sweep.layout!r} is not one of {LAYOUTS}')
+  if sweep.layout == 'zoology':
+    pattern, heads, head_dim = m['zoology'], m.get('heads', 1), 16
+    fields = {'model.position': 'none', 'model.norm': 'layernorm',
+              'model.tie_embeddings': True, 'model.num_kv_heads': heads}
   else:
-    pattern = (m['mixer'] + m.get('mlp', 'F')) * layers
-  fields = {
+    head_dim = 16 if d < 256 else 64
+    heads = max(1, d // head_dim)
+    if 'attention_fraction' in m:
+      pattern = common.hybrid_pattern(m['mixer'], m['attention_fraction'], sweep.layers,
+                                      m.get('mlp', 'F'))
+    else:
+      pattern = (m['mixer'] + m.get('mlp', 'F')) * sweep.layers
+    fields = {'model.num_kv_heads': heads // 2 if heads % 2 == 0 else heads}
+  fields.update({
       'model.d_model': d,
       'model.num_heads': heads,
-      'model.num_kv_heads': heads // 2 if heads % 2 == 0 else heads,
       'model.head_dim': 0,
-      'model.mlp_dim': 16 * round(8 * d / 3 / 16),
+      'model.mlp_dim': 16 * round(8 * d / 3 / 16),  # SwiGLU 8d/3 (also the MoE's experts)
       'model.mlp_activation': 'swiglu',
       'model.pattern': pattern,
       'data.task': arch['spec'],
       'optim.lr': arch['lr'],
       'optim.weight_decay': arch['weight_decay'],
       **m.get('overrides', {}),
-  }
+  })
   specs = tasks_lib.parse_specs(arch['spec'])
   if not any(cls.TEXT for cls, _ in specs):  # the task's symbols and 4 special tokens
     fields['model.vocab_size'] = max(int(o['vocab_size']) for _, o in specs) + 4
-  if m['mixer'] == 'M':
+  if 'M' in pattern:
     fields.update({'model.mamba.num_heads': 2 * d // head_dim, 'model.mamba.head_dim': head_dim})
-  if m['mixer'] == 'W':
+  if 'W' in pattern:
     fields['model.attention.window'] = sweep.window
   return fields

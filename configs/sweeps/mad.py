@@ -25,6 +25,7 @@ from configs import common
 from configs.sweeps import capability
 
 GRID = [(lr, wd) for lr in (1e-4, 5e-4, 1e-3) for wd in (0.0, 0.1)]
+LAYOUT = 'mad'  # configs/sweeps/capability.py: (mixer, MLP) blocks
 # task -> (spec, row length, training instances)
 MAD_TASKS = {
     'in_context_recall': ('in_context_recall', 128, 12_800),
@@ -64,6 +65,7 @@ def get_config(arg: str | None = None):
   sweep = capability.sweep_config('mad', args.preset, models=models, tasks=p.pop('tasks'),
                                   grid=p.pop('grid'), architectures_=ARCHITECTURES, **p)
   sweep.layers, sweep.window, sweep.max_layers = 2, 16, 2
+  sweep.layout = LAYOUT
   sweep.eval_tasks = []  # each run is scored on the task it trained on
   return sweep
 

@@ -13,8 +13,11 @@ Arguments: `preset=` one of
 
   micro    one model (attention), one learning rate (1e-2), MQAR at vocabulary 64, length 32,
            4 pairs, d=32, 1 seed: the plan tests/test_capability_sweeps.py runs end to end.
-  cpu      every model, Zoology's grid, settings (64, 4) and (128, 8) at vocabulary 8192,
-           d=64, 3 seeds: 7 x 4 x 3 = 84 runs at 3e12 FLOPs each (not yet run on this machine).
+  cpu      every model, Zoology's grid, Zoology's first training setting (64, 4) with its
+           100,000 instances at vocabulary 1024 (8192's output layer is 80% of a step at
+           this width), d=64, batch 64, 2e12 FLOPs (about 800 steps of attention), 1 seed;
+           tested on Zoology's length-64 settings (64, 4), (64, 8), (64, 16): 7 x 4 = 28
+           runs (the committed result in experiments/results/mqar_cpu_2026-12-04).
   zoology  the paper's protocol: (64, 4), (128, 8), (256, 16), (256, 32), (256, 64) at
            vocabulary 8192, 100,000 + 4 x 20,000 training instances, d=128, batch 256,
            1.5e16 FLOPs (about Zoology's 32 epochs of them), 3 seeds; tested on (64, 4),
@@ -32,10 +35,11 @@ from configs.sweeps import capability
 
 ZOOLOGY_LRS = tuple(float(f'{x:.4g}') for x in np.logspace(-3, -1.5, 4))
 GRID = [(lr, 0.1) for lr in ZOOLOGY_LRS]
+LAYOUT = 'zoology'  # configs/sweeps/capability.py: BaseConv before each mixer, no MLP
 _TRAIN = {  # Zoology's training mixture: (length, pairs, instances)
     'zoology': ((64, 4, 100_000), (128, 8, 20_000), (256, 16, 20_000), (256, 32, 20_000),
                 (256, 64, 20_000)),
-    'cpu': ((64, 4, 100_000), (128, 8, 20_000)),
+    'cpu': ((64, 4, 100_000),),
 }
 
 
@@ -46,7 +50,7 @@ def _mixture(settings, vocab: int) -> str:
 
 TASKS = {
     'mqar': _mixture(_TRAIN['zoology'], 8192),
-    'mqar_cpu': _mixture(_TRAIN['cpu'], 8192),
+    'mqar_cpu': _mixture(_TRAIN['cpu'], 1024),
     'mqar_micro': 'mqar:vocab_size=64,seq_len=32,num_kv_pairs=4,num_train=4000',
 }
 ARCHITECTURES = capability.architectures(TASKS, GRID + [(1e-2, 0.0)])
@@ -58,10 +62,10 @@ def get_config(arg: str | None = None):
       'micro': dict(models=['attention'], task='mqar_micro', grid=[(1e-2, 0.0)], widths=[32],
                     budgets=[2e9], seeds=[0], seq_len=32, batch_size=16, eval_batches=1,
                     eval_tasks=['mqar:vocab_size=64,seq_len=32,num_kv_pairs=4']),
-      'cpu': dict(models=None, task='mqar_cpu', grid=GRID, widths=[64], budgets=[3e12],
-                  seeds=[0, 1, 2], seq_len=128, batch_size=32, eval_batches=4,
-                  eval_tasks=[f'mqar:seq_len={t},num_kv_pairs={p}'
-                              for t, p in ((64, 4), (64, 8), (128, 8), (128, 16))]),
+      'cpu': dict(models=None, task='mqar_cpu', grid=GRID, widths=[64], budgets=[2e12],
+                  seeds=[0], seq_len=64, batch_size=64, eval_batches=4,
+                  eval_tasks=[f'mqar:vocab_size=1024,seq_len=64,num_kv_pairs={p}'
+                              for p in (4, 8, 16)]),
       'zoology': dict(models=None, task='mqar', grid=GRID, widths=[128], budgets=[1.5e16],
                       seeds=[0, 1, 2], seq_len=256, batch_size=256, eval_batches=4,
                       eval_tasks=[f'mqar:seq_len={t},num_kv_pairs={p}'
@@ -77,6 +81,7 @@ def get_config(arg: str | None = None):
   sweep = capability.sweep_config('mqar', chosen, models=models, tasks=[task], grid=grid,
                                   architectures_=ARCHITECTURES, **p)
   sweep.layers, sweep.window, sweep.max_layers = 2, 16, 2
+  sweep.layout = LAYOUT
   return sweep
 
 
