@@ -231,6 +231,7 @@ def evaluate(model_config, variables, tokenizer, specs: list[str], *, instances:
   """{spec: results} of the model on the test instances of each task spec; `objective` (the
   run's objective config, a dict) selects diffusion scoring (module docstring)."""
   tasks = tasks_lib.build(specs, tokenizer, text_source)
+  tasks_lib.check_backbone([type(t) for t in tasks], bool(model_config.get('autoencoder')))
   tasks_lib.check_trainable(tasks, model_config.vocab_size, f'the model (vocabulary '
                             f'{model_config.vocab_size})')
   for task in tasks:

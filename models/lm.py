@@ -22,6 +22,7 @@ import ml_collections
 import errors
 import models
 from models.layers import attention  # noqa: F401  (registers A, W)
+from models.layers import autoencoder
 from models.layers import base_conv  # noqa: F401  (registers C)
 from models.layers import common
 from models.layers import deltanet  # noqa: F401  (registers G)
@@ -57,6 +58,8 @@ DEFAULTS = dict(
     diffusion_block=0,         # block diffusion (BD3-LM): training rows are [x_noisy, x] halves
                                # and attention uses the block-diffusion mask with blocks of
                                # this many tokens (models/diffusion.py); 0: off
+    autoencoder=False,         # MAD's autoencoder head: the last token's vector decoded at
+                               # every position (models/layers/autoencoder.py; compression)
     init_std=0.02,
     scan_layers=True,          # nn.scan over the pattern's repeating unit
     remat='none',              # none | full | save_dots | save_dots_no_batch
@@ -214,6 +217,8 @@ class Decoder(nn.Module):
       self.head_DV = self.param('head', common.normal_init(cfg.init_std, ('embed', 'vocab')),
                                 (cfg.d_model, cfg.vocab_size), pdtype)
     self.final_norm = norms.make_norm(cfg, 'final_norm')
+    if cfg.autoencoder:
+      self.autoencoder_head = autoencoder.AutoencoderHead(cfg, name='autoencoder')
 
   def __call__(self, inputs_BT, *, positions_BT, segment_ids_BT, cache=None):
     cfg = self.cfg
@@ -237,6 +242,12 @@ class Decoder(nn.Module):
           x_BTD, positions_BT, segment_ids_BT, None if cache is None else cache['blocks'])
       aux = {k: jnp.sum(v, 0) if k.startswith('loss/') else jnp.mean(v, 0) for k, v in aux_L.items()}
       new_cache = {'blocks': block_cache}
+    if cfg.autoencoder:
+      if cache is not None:
+        raise errors.ConfigError('model.autoencoder=True decodes every position from the whole '
+                                 'row at once and keeps no cache; it cannot generate')
+      x_BTD = self.autoencoder_head(x_BTD, positions_BT=positions_BT,
+                                    segment_ids_BT=segment_ids_BT)
     x_BTD = self.final_norm(x_BTD)
     if cfg.tie_embeddings:
       logits_BTV = common.project(x_BTD, self.embed_VD.T.astype(dtype), out_dtype=jnp.float32)
@@ -286,6 +297,8 @@ def flops_per_token(model_config, seq_len: int) -> float:
   """Analytic forward FLOPs per token: every sublayer plus the output head (2*D*V)."""
   cfg = model_config
   total = sum(sublayer_class(cfg, c).flops_per_token(cfg, seq_len) for c in cfg.pattern)
+  if cfg.get('autoencoder'):
+    total += autoencoder.flops_per_token(cfg)
   return float(total + 2 * cfg.d_model * cfg.vocab_size)
 
 

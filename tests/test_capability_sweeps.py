@@ -18,12 +18,12 @@ from experiments import sweep as sweep_lib
 def test_plans_cover_models_and_reference_grids(tmp_path):
   sweep, module = sweep_lib.load_sweep('configs/sweeps/mqar.py:preset=cpu')
   runs = sweep_lib.plan(module, sweep, str(tmp_path))
-  assert len(runs) == len(capability.MODELS) * 4 * 3
+  assert len(runs) == len(capability.MODELS) * 4  # one seed
   assert {sweep.capability[r.architecture]['model'] for r in runs} == set(capability.MODELS)
   np.testing.assert_allclose(sorted({sweep.capability[r.architecture]['lr'] for r in runs}),
                              np.logspace(-3, -1.5, 4), rtol=1e-3)           # Zoology's grid
   assert any('--config.data.task=mqar:' in c for c in runs[0].command)
-  assert '--config.model.vocab_size=8196' in runs[0].command
+  assert '--config.model.vocab_size=1028' in runs[0].command  # the cpu preset's 1024 + 4
   # Zoology's layout: BaseConv then the mixer, no MLP, no positions, tied embeddings
   attention = next(r for r in runs if sweep.capability[r.architecture]['model'] == 'attention')
   for field in ('pattern=CA', 'position=none', 'norm=layernorm', 'tie_embeddings=True',
@@ -37,6 +37,10 @@ def test_plans_cover_models_and_reference_grids(tmp_path):
   runs = sweep_lib.plan(module, sweep, str(tmp_path / 'mad'))
   attention = next(r for r in runs if sweep.capability[r.architecture]['model'] == 'attention')
   assert '--config.model.pattern=AFAF' in attention.command  # MAD's (mixer, MLP) blocks
+  assert '--config.model.autoencoder=True' not in attention.command
+  sweep, module = sweep_lib.load_sweep('configs/sweeps/mad.py:preset=mad,task=compression')
+  runs = sweep_lib.plan(module, sweep, str(tmp_path / 'compression'))
+  assert all('--config.model.autoencoder=True' in r.command for r in runs)  # MAD's backbone
 
 
 def test_a_new_model_joins_by_name(monkeypatch, tmp_path):

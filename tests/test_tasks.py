@@ -176,8 +176,12 @@ def test_compression_generator_and_refusal():
   for r in rows:
     assert r['inputs'][-1] == 15 and (r['inputs'][:-1] < 15).all()
     np.testing.assert_array_equal(r['targets'], r['inputs'])
-  with pytest.raises(errors.DataError, match='autoencoder'):
-    tasks.check_trainable([task], 20, 'the model')
+  tasks.check_trainable([task], 20, 'the model')  # ids fit
+  tasks.check_backbone([type(task)], autoencoder=True)
+  with pytest.raises(errors.DataError, match='needs MAD.s autoencoder backbone: set model.autoencoder=True'):
+    tasks.check_backbone([type(task)], autoencoder=False)
+  with pytest.raises(errors.DataError, match='model.autoencoder=True sees the whole row'):
+    tasks.check_backbone([tasks.TASKS['mqar']], autoencoder=True)
 
 
 # --- needle retrieval (RULER) ---
@@ -257,7 +261,6 @@ def test_data_task_builds_training_rows(tmp_path):
     ('mqar:seq_len=sixty', 'task', 'is not a int'),
     ('mqar:seq_len=64,num_kv_pairs=17', 'task', 'num_kv_pairs=17 needs seq_len'),
     ('mqar:seq_len=128', 'seq_len', 'set data.seq_len>=128'),
-    ('compression', 'task', 'autoencoder'),
 ])
 def test_bad_task_specs_are_one_line(spec, field, message, tmp_path):
   del field

@@ -149,6 +149,8 @@ def size_overrides(arch: dict, d: int, sweep) -> dict:
   specs = tasks_lib.parse_specs(arch['spec'])
   if not any(cls.TEXT for cls, _ in specs):  # the task's symbols and 4 special tokens
     fields['model.vocab_size'] = max(int(o['vocab_size']) for _, o in specs) + 4
+  if not any(cls.CAUSAL for cls, _ in specs):  # reconstruction: MAD's autoencoder backbone
+    fields['model.autoencoder'] = True
   if 'M' in pattern:
     fields.update({'model.mamba.num_heads': 2 * d // head_dim, 'model.mamba.head_dim': head_dim})
   if 'W' in pattern:

@@ -4,15 +4,15 @@
 Every model of configs/sweeps/capability.py is trained from scratch on each MAD task at its
 baseline (input_pipeline/tasks/mad.py) over MAD's grid, learning rates 1e-4, 5e-4, 1e-3 x
 weight decay 0, 0.1, and scored on the task's held-out instances (its `test` split); the
-report keeps the best grid point per model, task and seed. Compression is left out: MAD
-trains it with an autoencoder backbone archlab's decoder does not have (the task refuses in
-one line). MAD trains 200 epochs of 12,800 instances (256 for memorization) at batch 128;
+report keeps the best grid point per model, task and seed. Compression trains each model
+as MAD does, as the encoder of its autoencoder (`model.autoencoder=True`: the last token's
+vector decoded at every position; models/layers/autoencoder.py). MAD trains 200 epochs of 12,800 instances (256 for memorization) at batch 128;
 the `mad` preset's budget is that many tokens at d=128 with 2 blocks of (mixer, MLP).
 
 Arguments: `preset=` one of
 
   micro  attention on in-context recall at length 32, one grid point (1e-3, 0), d=32, 1 seed.
-  mad    every model, the five tasks, the 6-point grid, d=128, 3 seeds, rows of the longest
+  mad    every model, the six tasks, the 6-point grid, d=128, 3 seeds, rows of the longest
          task (256; shorter tasks are padded). `task=NAME` runs one task at its own length
          with MAD's budget for it.
 
@@ -33,6 +33,7 @@ MAD_TASKS = {
     'noisy_recall': ('noisy_recall', 128, 12_800),
     'selective_copying': ('selective_copying', 256, 12_800),
     'memorization': ('memorization', 32, 256),
+    'compression': ('compression', 32, 12_800),
 }
 _EPOCHS = 200
 # Training FLOPs per token of the d=128 2-block attention model at these lengths, about 6 N

@@ -31,7 +31,8 @@ __all__ = ['SPLITS', 'SUITES', 'TASKS', 'Task', 'TaskRows', 'build', 'build_data
 
 # What `experiments.evaluate --tasks=NAME` scores for a suite name (any task name is a suite
 # of itself at its defaults). MQAR: Zoology's training grid at vocabulary 8192; MAD: the five
-# tasks a causal decoder can run, at MAD's baselines; needle: the three forms at 512 to 2K
+# tasks a causal decoder can run, at MAD's baselines (compression scores only an autoencoder
+# run, `--tasks=compression`); needle: the three forms at 512 to 2K
 # tokens (RULER's template, needle and answer take about 350 bytes: 256 fits BPE tokens only).
 SUITES = {
     'mqar': [f'mqar:seq_len={t},num_kv_pairs={p}'
@@ -148,14 +149,23 @@ def pad_row(instance: dict, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
   }
 
 
+def check_backbone(task_classes, autoencoder: bool) -> None:
+  """One line where the model's head does not fit a task: reconstruction (MAD's compression,
+  `CAUSAL = False`) needs `model.autoencoder=True`, and the autoencoder, which sees the whole
+  row before it predicts, would read the answers of every other task."""
+  for cls in task_classes:
+    if not cls.CAUSAL and not autoencoder:
+      raise errors.DataError(f'task {cls.NAME} reconstructs its input and needs MAD\'s '
+                             'autoencoder backbone: set model.autoencoder=True')
+    if cls.CAUSAL and autoencoder:
+      raise errors.DataError(f'model.autoencoder=True sees the whole row before it predicts; '
+                             f'task {cls.NAME} is scored on what its inputs do not show yet '
+                             '(train it without the autoencoder)')
+
+
 def check_trainable(tasks: list[Task], vocab_size: int, what: str) -> None:
-  """One line for a task a causal decoder cannot run, or ids beyond the vocabulary."""
+  """One line for ids beyond the vocabulary."""
   for task in tasks:
-    if not task.CAUSAL:
-      raise errors.DataError(f'task {task.NAME} needs MAD\'s autoencoder backbone (the '
-                             'sequence pooled into its last token, then an MLP decoder), which '
-                             'archlab does not have yet; its generator exists, training and '
-                             'scoring it do not')
     if not task.TEXT and task.num_symbols > vocab_size:
       raise errors.DataError(f'task {task.spec} uses ids 0..{task.num_symbols - 1} but {what} '
                              f'has {vocab_size} tokens; give the task vocab_size<={vocab_size}')
