@@ -38,6 +38,14 @@ def test_plans_cover_models_and_reference_grids(tmp_path):
   attention = next(r for r in runs if sweep.capability[r.architecture]['model'] == 'attention')
   assert '--config.model.pattern=AFAF' in attention.command  # MAD's (mixer, MLP) blocks
   assert '--config.model.autoencoder=True' not in attention.command
+  sweep, module = sweep_lib.load_sweep('configs/sweeps/mad.py:preset=cpu,task=selective_copying')
+  runs = sweep_lib.plan(module, sweep, str(tmp_path / 'cpu'))
+  attention = next(r for r in runs if sweep.capability[r.architecture]['model'] == 'attention')
+  steps = 20 * int(next(c for c in attention.command if 'warmup_steps' in c).split('=')[1])
+  assert len(runs) == len(capability.MODELS) and 900 <= steps <= 1300, steps  # 'about 1,000'
+  assert '--config.data.seq_len=256' in attention.command          # the task's own length
+  with pytest.raises(errors.ConfigError, match='preset=cpu needs task='):
+    sweep_lib.load_sweep('configs/sweeps/mad.py:preset=cpu')
   sweep, module = sweep_lib.load_sweep('configs/sweeps/mad.py:preset=mad,task=compression')
   runs = sweep_lib.plan(module, sweep, str(tmp_path / 'compression'))
   assert all('--config.model.autoencoder=True' in r.command for r in runs)  # MAD's backbone

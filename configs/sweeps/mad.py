@@ -12,6 +12,11 @@ the `mad` preset's budget is that many tokens at d=128 with 2 blocks of (mixer, 
 Arguments: `preset=` one of
 
   micro  attention on in-context recall at length 32, one grid point (1e-3, 0), d=32, 1 seed.
+  cpu    with `task=NAME`: every model on one task at its own length, one grid point
+         (lr 1e-3, weight decay 0.1, the grid's largest step, for a short run), d=64,
+         batch 32, about 1,000 steps of attention (at most a 75th of MAD's epochs; 125 of
+         memorization's 256 rows), 1 seed:
+         7 runs a task (the committed result in experiments/results/mad_cpu_2026-12-04).
   mad    every model, the six tasks, the 6-point grid, d=128, 3 seeds, rows of the longest
          task (256; shorter tasks are padded). `task=NAME` runs one task at its own length
          with MAD's budget for it.
@@ -21,6 +26,7 @@ and `models=a+b` to restrict the models (names of capability.MODELS).
 
 from __future__ import annotations
 
+import errors
 from configs import common
 from configs.sweeps import capability
 
@@ -49,13 +55,32 @@ def _budget(task: str) -> float:
   return float(f'{_EPOCHS * n * length * _FLOPS_PER_TOKEN:.2g}')
 
 
+# Training FLOPs per token of the d=64 2-block attention model at length T, about
+# 6.6e5 + 1150 T (read off its plans; the step count is checked in
+# tests/test_capability_sweeps.py): the cpu budget is 1,000 steps of it.
+_CPU_STEPS, _CPU_BATCH = 1000, 32
+
+
+def _cpu_budget(task: str) -> float:
+  length = MAD_TASKS[task][1]
+  return float(f'{_CPU_STEPS * _CPU_BATCH * length * (6.6e5 + 1150 * length):.2g}')
+
+
 def get_config(arg: str | None = None):
   args = common.parse_arg(arg, preset='micro', models='', task='')
   if args.preset == 'micro':
     p = dict(models=['attention'], tasks=['recall_micro'], grid=[(1e-3, 0.0)], widths=[32],
              budgets=[2e9], seeds=[0], seq_len=32, batch_size=16, eval_batches=1)
+  elif args.preset == 'cpu':
+    if not args.task:
+      raise errors.ConfigError(f'mad preset=cpu needs task= one of {sorted(MAD_TASKS)} (each '
+                               'task is its own sweep, at its own length)')
+    task, = capability.select([args.task], 'task', MAD_TASKS)
+    p = dict(models=None, tasks=[task], grid=[(1e-3, 0.1)], widths=[64], seeds=[0],
+             budgets=[_cpu_budget(task)], seq_len=MAD_TASKS[task][1], batch_size=_CPU_BATCH,
+             eval_batches=2)
   else:
-    capability.select([args.preset], 'preset', ('micro', 'mad'))
+    capability.select([args.preset], 'preset', ('micro', 'cpu', 'mad'))
     tasks = capability.select([args.task] if args.task else None, 'task', MAD_TASKS)
     p = dict(models=None, tasks=tasks, grid=GRID, widths=[128], seeds=[0, 1, 2],
              budgets=[_budget(args.task) if args.task else max(map(_budget, MAD_TASKS))],
