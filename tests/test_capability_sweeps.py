@@ -59,8 +59,8 @@ def test_a_new_model_joins_by_name(monkeypatch, tmp_path):
   runs = sweep_lib.plan(module, sweep, str(tmp_path))
   assert len(runs) == 1 and '--config.model.mlp_dim=256' in runs[0].command
   assert '--config.model.pattern=CAF' in runs[0].command
-  with pytest.raises(errors.ConfigError, match="model 'dsa' is not one of"):
-    sweep_lib.load_sweep('configs/sweeps/mad.py:preset=micro,models=dsa')
+  with pytest.raises(errors.ConfigError, match="model 'nsa' is not one of"):
+    sweep_lib.load_sweep('configs/sweeps/mad.py:preset=micro,models=nsa')
 
 
 def test_micro_mqar_sweep_end_to_end(tmp_path):

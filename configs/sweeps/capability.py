@@ -28,14 +28,16 @@ with the positions and mixer fields of the preset named in MODELS.
   mamba2           MM       MF    Mamba-2 (Zoology's Mamba2Block: no BaseConv, no MLP)
   deltanet_hybrid  CGCA     G/A   half the mixers attention (Zoology has no hybrids)
   mamba2_hybrid    MCA      M/A   the same with Mamba-2
+  dsa              CS       SF    DeepSeek V3.2's DSA over GQA: each query's top 16 keys by
+                                  the lightning indexer (Zoology's NSA rows are the nearest)
+  moba             CB       BF    MoBA: blocks of 8 keys, a query's own and its top 2 earlier
 
 The convolution is what lets two layers solve recall quickly (it writes each key into its
 value's position, so the mixer only matches the query against it): with a (mixer, MLP) x 2
 stack and RoPE instead, attention on MQAR (64, 4) stayed at the 25% plateau of "some value
 of the context" after 5,000 steps here, where CA reaches 99% in a few hundred (2026-12-04).
 
-A sublayer that lands later joins by one entry here, e.g. DSA sparse attention as
-`MODELS['dsa'] = dict(preset='deepseek_v32_tiny', mixer='S', zoology='CS')` or a block-sparse variant the same way;
+A sublayer that lands later joins by one entry here, as DSA and MoBA did (`MODELS['dsa']`);
 every sweep preset that lists all MODELS takes it up, and `models=` names it in any preset.
 """
 
@@ -60,6 +62,10 @@ MODELS = {
                             zoology='CGCA', heads=2),
     'mamba2_hybrid': dict(preset='mamba2_hybrid_tiny', mixer='M', attention_fraction=0.5,
                           zoology='MCA', heads=1),
+    'dsa': dict(preset='llama_tiny', mixer='S', zoology='CS', heads=1,
+                overrides={'model.dsa.topk': 16}),
+    'moba': dict(preset='llama_tiny', mixer='B', zoology='CB', heads=1,
+                 overrides={'model.moba.block': 8, 'model.moba.topk': 2}),
 }
 LAYOUTS = ('zoology', 'mad')
 
