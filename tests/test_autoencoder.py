@@ -17,6 +17,7 @@ import torch
 
 import errors
 import models
+from configs import common
 from configs import transformer
 from experiments import evaluate
 from models.layers import autoencoder
@@ -76,11 +77,7 @@ def compression_config(**overrides):
   config.train.eval_every = config.train.checkpoint_every = 200
   config.optim.lr, config.peak_flops = 3e-3, 1e11
   for key, value in overrides.items():
-    *path, leaf = key.split('.')
-    node = config
-    for k in path:
-      node = node[k]
-    node[leaf] = value
+    common.set_field(config, key, value)
   return config
 
 

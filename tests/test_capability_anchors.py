@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import common
 from configs import transformer
 from configs.sweeps import capability
 from experiments import evaluate
@@ -26,11 +27,7 @@ def protocol_config(model: str, task: str, *, steps: int, seq_len=64, batch_size
   arch = dict(model=model, spec=task, lr=1e-2, weight_decay=0.1)
   sweep = ml_collections.ConfigDict(dict(layout='zoology', window=window, layers=2))
   for field, value in capability.size_overrides(arch, 64, sweep).items():
-    *path, leaf = field.split('.')
-    node = config
-    for key in path:
-      node = node[key]
-    node[leaf] = value
+    common.set_field(config, field, value)
   config.data.eval_batches = 1
   config.train.steps, config.train.progress_bar = steps, False
   config.train.eval_every = config.train.checkpoint_every = steps
