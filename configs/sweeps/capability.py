@@ -1,5 +1,5 @@
 """What the capability sweeps (configs/sweeps/mqar.py, mad.py) share: the models, at matched
-width and depth, and the size rule that trains one of them on one task at one learning rate.
+width in their reference's layout, and the size rule that trains one of them on one task at one learning rate.
 
 A sweep "architecture" is a (model, task, learning rate, weight decay) point of the protocol,
 named `<model>_<task>_lr<lr>_wd<wd>`: the runner (experiments/sweep.py) trains each from
