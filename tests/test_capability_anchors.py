@@ -35,7 +35,7 @@ def protocol_config(model: str, task: str, *, steps: int, seq_len=64, batch_size
   return config
 
 
-def train(workdir, model: str, *, steps=500, window=16):
+def train(workdir, model: str, *, steps=350, window=16):
   loop.train_and_evaluate(protocol_config(model, TASK, steps=steps, window=window), workdir)
   record = evaluate.evaluate_workdir(workdir, [TASK], [], instances=1000)
   result, = record['tasks'].values()
