@@ -50,7 +50,8 @@ def test_two_layer_attention_solves_mqar(tmp_path):
 def test_attention_that_sees_one_position_stays_near_chance(tmp_path):
   """A window of 1 behind BaseConv's 3 taps reads 3 positions: it can see a pair only when
   that pair ends right before its query (`reachable`, counted from the instances), and
-  otherwise guesses among 512 values."""
+  otherwise guesses among 512 values. Trained as long as the attention anchor (which reaches
+  99.7%), it scores 2.2% against a reachable 3.2% here (2026-12-04)."""
   result = train(str(tmp_path), 'sliding_window', window=1)
   task, = tasks_lib.build(TASK, None, None)
   hits = total = 0
