@@ -17,6 +17,7 @@ import torch
 
 import errors
 import models
+from models import lm
 from configs import common
 from configs import transformer
 from experiments import evaluate
@@ -110,7 +111,6 @@ def test_it_keeps_no_cache():
   cfg = tiny_model_config('llama_tiny', **{'autoencoder': True, 'pattern': 'AF'})
   model = models.build(cfg)
   x = jnp.zeros((1, 4), jnp.int32)
-  from models import lm  # pylint: disable=import-outside-toplevel
   with pytest.raises(errors.ConfigError, match='keeps no cache'):
     jax.eval_shape(lambda: model.init(jax.random.key(0), x, positions_BT=x,
                                       segment_ids_BT=x + 1, cache=lm.init_cache(cfg, 1, 4)))

@@ -92,12 +92,9 @@ def setup(config, workdir: str | None, devices=None) -> Run:
   models.build(config.model if config.model.vocab_size else
                ml_collections.ConfigDict(dict(config.model.to_dict(), vocab_size=1)))
   objectives.validate(config)
-  if config.data.get('task'):
-    tasks_lib.check_backbone([cls for cls, _ in tasks_lib.parse_specs(config.data.task)],
-                             bool(config.model.get('autoencoder')))
-  elif config.model.get('autoencoder'):
-    raise errors.ConfigError('model.autoencoder=True trains on a reconstruction task '
-                             '(data.task=compression, MAD), not on a corpus')
+  task = config.data.get('task')
+  tasks_lib.check_backbone([cls for cls, _ in tasks_lib.parse_specs(task)] if task else [],
+                           bool(config.model.get('autoencoder')))
   data = input_pipeline.build_datasets(
       config.data, global_batch_size=t.batch_size, workdir=workdir,
       process_index=jax.process_index(), process_count=jax.process_count())

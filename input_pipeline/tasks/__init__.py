@@ -150,9 +150,13 @@ def pad_row(instance: dict, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
 
 
 def check_backbone(task_classes, autoencoder: bool) -> None:
-  """One line where the model's head does not fit a task: reconstruction (MAD's compression,
-  `CAUSAL = False`) needs `model.autoencoder=True`, and the autoencoder, which sees the whole
-  row before it predicts, would read the answers of every other task."""
+  """One line where the model's head does not fit its data (`task_classes`, [] for a corpus):
+  reconstruction (MAD's compression, `CAUSAL = False`) needs `model.autoencoder=True`, and
+  the autoencoder, which sees the whole row before it predicts, would read the answers of
+  every other task and of a corpus."""
+  if autoencoder and not task_classes:
+    raise errors.DataError('model.autoencoder=True trains on a reconstruction task '
+                           '(data.task=compression, MAD), not on a corpus')
   for cls in task_classes:
     if not cls.CAUSAL and not autoencoder:
       raise errors.DataError(f'task {cls.NAME} reconstructs its input and needs MAD\'s '
